@@ -244,3 +244,29 @@ class PlotConfig(StageConfig):
         if not 0 <= self.smoothing < 1:
             problems.append(("smoothing", f"must be in [0, 1) (got {self.smoothing})"))
         return problems
+
+
+# A Hub repository id: "owner/name", each part letters, digits, "-", "_" or "." (not at either end).
+REPO_ID_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?/[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
+
+
+@dataclasses.dataclass(frozen=True)
+class PushConfig(StageConfig):
+    model_dir: str = "../runs/lab/merged"
+    repo_id: str = ""
+    private: bool = True
+    dry_run: bool = True
+    commit_message: str = "Upload Tony Stark persona model (ironman_nb)"
+
+    def range_problems(self):
+        problems = _non_empty(self, "model_dir", "commit_message")
+        repo_id = self.repo_id
+        if repo_id.strip():
+            if repo_id.startswith(("http://", "https://")) or "huggingface.co" in repo_id:
+                problems.append(("repo_id", f"give the id, not the address: \"owner/name\" (got {self.repo_id!r})"))
+            elif (not REPO_ID_PATTERN.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id
+                  or len(repo_id.split("/")[-1]) > 96):
+                problems.append(("repo_id", f"must look like \"owner/name\", e.g. \"your-name/Qwen2-7B-Ironman-ko\" (got {self.repo_id!r})"))
+        elif not self.dry_run:
+            problems.append(("repo_id", "is required when dry_run is False: set it to \"your-name/<model name>\""))
+        return problems

@@ -203,36 +203,33 @@ class TrainResult:
         return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    import torch
-    from peft import LoraConfig
-    from transformers import set_seed
-    from trl import SFTConfig
+@dataclasses.dataclass
+class TrainerSetup:
+    """Everything `train` needs, built by `build_trainer` (benchmarks and tests use it too)."""
 
-    data_dir, output_dir = Path(cfg.data_dir), Path(cfg.output_dir)
+    trainer: Any
+    fast: FastPath
+    train_records: list[dict]
+    train_samples: int
+    eval_samples: int
+    checkpoint_dir: Path
+    stop_on_nonfinite: Any
+
+
+def load_training_data(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+    data_dir = Path(cfg.data_dir)
     train_path, eval_path = data_dir / "train.jsonl", data_dir / "eval.jsonl"
     if not train_path.is_file():
         raise DataError(f"{train_path} not found: run notebooks/01_prepare_data.ipynb first (or set data_dir)")
     train_records = load_chat_records(train_path, "training data")
     eval_records = load_chat_records(eval_path, "eval data") if eval_path.is_file() else []
+    return train_records, eval_records
 
-    set_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.base_model)
-    train_ds = build_dataset(train_records, tokenizer, cfg.max_length, cfg.max_train_samples)
-    if train_ds is None:
-        raise DataError(f"{train_path}: no sample has an answer within max_length={cfg.max_length} tokens")
-    eval_ds = build_dataset(eval_records, tokenizer, cfg.max_length, cfg.max_eval_samples) if eval_records else None
 
-    device = resolve_device()
-    precision = resolve_precision(cfg.precision, device)
-    model = load_model(cfg.base_model, precision, device)
-    fast = choose_fast_path(cfg, device, sum(p.numel() for p in model.parameters()))
-    log.info("fast path: %s", fast)
+def sft_config(cfg: TrainConfig, fast: FastPath, checkpoint_dir: Path, do_eval: bool):
+    from trl import SFTConfig
 
-    checkpoint_dir = output_dir / "checkpoints"
-    resume_from = find_resume_checkpoint(checkpoint_dir, cfg.resume)
-    do_eval = eval_ds is not None
-    args = SFTConfig(
+    return SFTConfig(
         output_dir=str(checkpoint_dir),
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
@@ -258,27 +255,58 @@ def train(cfg: TrainConfig) -> TrainResult:
         dataset_kwargs={"skip_prepare_dataset": True},
         seed=cfg.seed,
         data_seed=cfg.seed,
-        use_cpu=device == "cpu",
+        use_cpu=fast.device == "cpu",
         report_to="none",
         dataloader_num_workers=0,
     )
-    peft_config = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")],
-        task_type="CAUSAL_LM",
-    )
+
+
+def lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    targets = cfg.lora_target if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+
+
+def build_trainer(cfg: TrainConfig) -> "TrainerSetup":
+    from transformers import set_seed
+
+    train_records, eval_records = load_training_data(cfg)
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.base_model)
+    train_ds = build_dataset(train_records, tokenizer, cfg.max_length, cfg.max_train_samples)
+    if train_ds is None:
+        raise DataError(f"{cfg.data_dir}/train.jsonl: no sample has an answer within max_length={cfg.max_length} tokens")
+    eval_ds = build_dataset(eval_records, tokenizer, cfg.max_length, cfg.max_eval_samples) if eval_records else None
+
+    device = resolve_device()
+    model = load_model(cfg.base_model, resolve_precision(cfg.precision, device), device)
+    fast = choose_fast_path(cfg, device, sum(p.numel() for p in model.parameters()))
+    log.info("fast path: %s", fast)
+    checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
     stop_on_nonfinite = _nonfinite_stop_callback()
     trainer = _sft_trainer_class()(
         model=model,
-        args=args,
+        args=sft_config(cfg, fast, checkpoint_dir, eval_ds is not None),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=lora_config(cfg),
         callbacks=[stop_on_nonfinite],
     )
+    return TrainerSetup(trainer, fast, train_records, len(train_ds), len(eval_ds) if eval_ds is not None else 0,
+                    checkpoint_dir, stop_on_nonfinite)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    setup = build_trainer(cfg)
+    trainer, fast, checkpoint_dir = setup.trainer, setup.fast, setup.checkpoint_dir
+    stop_on_nonfinite, train_records = setup.stop_on_nonfinite, setup.train_records
+    output_dir = Path(cfg.output_dir)
+    resume_from = find_resume_checkpoint(checkpoint_dir, cfg.resume)
+    do_eval = setup.eval_samples > 0
+    tokenizer = trainer.processing_class
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from)
     runtime = time.perf_counter() - started
@@ -302,8 +330,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             "base_model_hub_id": hub_id(cfg.base_model),
             "end_of_turn_token": eot,
             "system_prompt": train_records[0]["messages"][0]["content"] if train_records[0]["messages"][0]["role"] == "system" else None,
-            "train_samples": len(train_ds),
-            "eval_samples": len(eval_ds) if eval_ds is not None else 0,
+            "train_samples": setup.train_samples,
+            "eval_samples": setup.eval_samples,
             "resumed_from": resume_from,
             "versions": _versions(),
         },

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+
+from conftest import DATA
+from ironman_nb.config import PlotConfig
+from ironman_nb.plots import epoch_marks, load_log_history, plot_training, series, smooth
+
+
+@pytest.mark.parametrize("name, points", [("recipe_qwen2_trainer_state.json", 41), ("recipe_llama3_trainer_state.json", 51)])
+def test_draws_the_recipe_logs(tmp_path, name, points):
+    history = load_log_history(DATA / name)
+    assert len(series(history, "loss")[1]) == points
+    result = plot_training(PlotConfig(trainer_state=str(DATA / name), output_dir=str(tmp_path)))
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["training_curves.png", "training_grad_norm.png", "training_learning_rate.png", "training_loss.png"]
+    for path in tmp_path.iterdir():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    assert result.last_values().loc["loss", "last value"] == series(history, "loss")[1][-1]
+
+
+def test_eval_loss_chart_only_when_logged(tmp_path):
+    state = {"log_history": [
+        {"step": 0, "epoch": 0, "eval_loss": 2.0},
+        {"step": 1, "epoch": 0.5, "loss": 2.1, "grad_norm": 1.0, "learning_rate": 1e-4},
+        {"step": 2, "epoch": 1.0, "loss": 1.9, "grad_norm": 0.9, "learning_rate": 5e-5},
+        {"step": 3, "epoch": 1.5, "loss": 1.7, "grad_norm": 0.8, "learning_rate": 2e-5},
+        {"step": 3, "epoch": 1.5, "eval_loss": 1.8},
+    ]}
+    path = tmp_path / "trainer_state.json"
+    path.write_text(json.dumps(state))
+    result = plot_training(PlotConfig(trainer_state=str(path), output_dir=str(tmp_path / "plots")))
+    assert (tmp_path / "plots" / "training_eval_loss.png").is_file()
+    assert set(result.files) == {"loss", "grad_norm", "learning_rate", "eval_loss", "curves"}
+
+
+def test_epoch_boundaries_are_interpolated_in_steps():
+    history = [{"step": 10, "epoch": 0.16}, {"step": 60, "epoch": 0.97}, {"step": 70, "epoch": 1.13}, {"step": 130, "epoch": 2.1}]
+    marks = epoch_marks(history)
+    assert [epoch for _, epoch in marks] == [1, 2]
+    assert marks[0][0] == pytest.approx(60 + (1 - 0.97) / 0.16 * 10)
+
+
+def test_smoothing_is_a_debiased_moving_average():
+    assert smooth([2.0, 2.0, 2.0], 0.9) == pytest.approx([2.0, 2.0, 2.0])
+    assert smooth([1.0, 3.0], 0.0) == [1.0, 3.0]
+    values = smooth([4.0, 0.0], 0.5)
+    assert values[0] == 4.0 and values[1] == pytest.approx((0.5 * 0.5 * 4.0) / 0.75)
+
+
+def test_state_without_curves_is_refused(tmp_path):
+    path = tmp_path / "trainer_state.json"
+    path.write_text(json.dumps({"log_history": [{"step": 1, "train_runtime": 3.0}]}))
+    with pytest.raises(ValueError, match="no loss, grad_norm"):
+        plot_training(PlotConfig(trainer_state=str(path), output_dir=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="trainer_state.json not found"):
+        load_log_history(tmp_path / "missing.json")

@@ -1,0 +1,69 @@
+"""The runner's checks before any kernel starts, and the notebooks' shape."""
+import json
+
+import pytest
+
+from conftest import ROOT
+from ironman_nb.config import ConfigError
+from ironman_nb.runner import STAGES, main, notebook_parameters, run, stage_params
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def test_every_stage_has_its_notebook_and_every_notebook_a_stage():
+    assert [s.notebook for s in STAGES] == NOTEBOOKS
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)
+def test_parameters_cell_matches_the_config(stage):
+    """Same names, same defaults: the notebook and its config cannot drift apart."""
+    assert notebook_parameters(stage.notebook) == stage.config.defaults()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_are_clean_and_thin(path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    assert nb["nbformat"] == 4
+    assert nb["cells"][0]["cell_type"] == "markdown" and nb["cells"][0]["source"][0].startswith("# ")
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None
+            source = "".join(cell["source"])
+            assert "def " not in source and "class " not in source, "logic belongs in ironman_nb"
+    assert sum("parameters" in c.get("metadata", {}).get("tags", []) for c in nb["cells"]) == 1
+
+
+def test_unknown_and_mistyped_parameters_are_refused_before_any_kernel(tmp_path, monkeypatch):
+    import papermill
+
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: pytest.fail("a kernel was started"))
+    with pytest.raises(ConfigError) as err:
+        run("quick", run_dir=str(tmp_path / "run"), overrides={"learnig_rate": 1e-4, "02_train_lora": {"lora_r": "8"}})
+    text = str(err.value)
+    assert "unknown parameter 'learnig_rate'" in text
+    assert "02_train_lora: TrainConfig.lora_r: must be an integer" in text
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_reports_refused_parameters_with_exit_code_2(tmp_path, capsys):
+    code = main(["run", "--run-dir", str(tmp_path / "r"), "-p", "base_model", "1234"])
+    assert code == 2
+    assert "base_model: must be a string (got int 1234)" in capsys.readouterr().err
+
+
+def test_out_of_range_values_in_a_params_file_are_refused(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("02_train_lora:\n  lora_dropout: 2.0\n")
+    with pytest.raises(ConfigError, match="lora_dropout: must be in"):
+        run("quick", params_file=str(params), run_dir=str(tmp_path / "r"))
+    with pytest.raises(ConfigError, match="--profile 'fast'"):
+        run("fast", run_dir=str(tmp_path / "r"))
+
+
+def test_stages_are_wired_through_the_run_folder(tmp_path):
+    per_stage, problems = stage_params({"seed": 3, "input_path": "my.csv"}, tmp_path, tmp_path)
+    assert problems == []
+    assert per_stage["01_prepare_data"]["input_path"] == str(tmp_path / "my.csv")
+    assert per_stage["01_prepare_data"]["seed"] == 3 and per_stage["02_train_lora"]["seed"] == 3
+    assert per_stage["02_train_lora"]["data_dir"] == per_stage["01_prepare_data"]["output_dir"]
+    assert per_stage["03_plot_training"]["trainer_state"] == str(tmp_path / "adapter" / "trainer_state.json")

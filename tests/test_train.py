@@ -1,0 +1,141 @@
+import json
+import math
+import shutil
+
+import pytest
+
+from conftest import write_chat_data
+from ironman_nb.config import TrainConfig
+from ironman_nb.train import build_trainer, choose_fast_path, find_resume_checkpoint, train
+
+
+def tiny_cfg(tmp_path, model_dir, **overrides):
+    data = write_chat_data(tmp_path / "data")
+    params = dict(base_model=str(model_dir), data_dir=str(data), output_dir=str(tmp_path / "adapter"),
+                  max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3,
+                  logging_steps=1, save_steps=2, eval_steps=2, max_length=512, seed=7)
+    params.update(overrides)
+    return TrainConfig(**params)
+
+
+def full_logits_loss(model, batch):
+    """The plain reference: every position's logits, mean cross-entropy over labelled next tokens."""
+    import torch.nn.functional as F
+
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    logits = model(**inputs, use_cache=False).logits.float()
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+
+
+@pytest.mark.parametrize("padding_free", ["on", "off"])
+def test_selected_logits_loss_equals_full_logits_loss(tmp_path, tiny_model_dir, padding_free):
+    import torch
+
+    setup = build_trainer(tiny_cfg(tmp_path, tiny_model_dir, padding_free=padding_free))
+    trainer = setup.trainer
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    assert ("attention_mask" in batch) == (padding_free == "off")
+    trainer.model.eval()
+    with torch.no_grad():
+        ours = trainer.compute_loss(trainer.model, dict(batch))
+        reference = full_logits_loss(trainer.model, batch)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_packed_samples_stay_isolated(tmp_path, tiny_model_dir):
+    """A sample's loss is the same alone and packed with others (attention stays inside each sample)."""
+    import torch
+
+    setup = build_trainer(tiny_cfg(tmp_path, tiny_model_dir, padding_free="on"))
+    trainer = setup.trainer
+    trainer.model.eval()
+    samples = [trainer.train_dataset[i] for i in range(3)]
+
+    def summed_loss(batch):
+        count = int((batch["labels"][:, 1:] != -100).sum())
+        with torch.no_grad():
+            return trainer.compute_loss(trainer.model, dict(batch)).item() * count
+
+    packed = summed_loss(trainer.data_collator(samples))
+    alone = sum(summed_loss(trainer.data_collator([s])) for s in samples)
+    assert packed == pytest.approx(alone, rel=1e-5)
+
+
+def test_cpu_fast_path():
+    fast = choose_fast_path(TrainConfig(), "cpu")
+    assert (fast.precision, fast.gradient_checkpointing, fast.padding_free, fast.attn_implementation) == ("fp32", False, True, "sdpa")
+    forced = choose_fast_path(TrainConfig(precision="bf16", gradient_checkpointing="on", padding_free="off"), "cpu")
+    assert (forced.precision, forced.gradient_checkpointing, forced.padding_free) == ("bf16", True, False)
+
+
+def test_train_writes_adapter_state_and_config(tmp_path, tiny_model_dir):
+    result = train(tiny_cfg(tmp_path, tiny_model_dir))
+    out = tmp_path / "adapter"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "trainer_state.json", "run_config.json"):
+        assert (out / name).is_file(), name
+    assert not (out / ".final.tmp").exists()
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [h for h in history if "loss" in h]
+    assert len(losses) == 4 and all(math.isfinite(h["loss"]) and "grad_norm" in h and "learning_rate" in h for h in losses)
+    evals = [h for h in history if "eval_loss" in h]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 4
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["resolved"]["precision"] == "fp32" and run_config["resolved"]["padding_free"] is True
+    assert run_config["resolved"]["end_of_turn_token"] == "<|im_end|>"
+    assert run_config["result"]["global_step"] == 4
+    assert run_config["result"]["eval_loss_after"] < run_config["result"]["eval_loss_before"]
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-4"]
+    assert result.summary().loc["global_step", "value"] == 4
+
+
+def test_same_seed_same_loss_history(tmp_path, tiny_model_dir):
+    first = train(tiny_cfg(tmp_path / "a", tiny_model_dir, eval_steps=0))
+    second = train(tiny_cfg(tmp_path / "b", tiny_model_dir, eval_steps=0))
+    pick = lambda r: [(h["step"], h["loss"], h["grad_norm"]) for h in r.log_history if "loss" in h]
+    assert pick(first) == pick(second)
+
+
+def test_resume_continues_from_the_newest_complete_checkpoint(tmp_path, tiny_model_dir, caplog):
+    full = train(tiny_cfg(tmp_path / "full", tiny_model_dir, eval_steps=0))
+    cfg = tiny_cfg(tmp_path / "cut", tiny_model_dir, eval_steps=0)
+    train(cfg)
+    checkpoints = tmp_path / "cut" / "adapter" / "checkpoints"
+    # As if the run died while writing checkpoint-4: its adapter weights never landed.
+    (checkpoints / "checkpoint-4" / "adapter_model.safetensors").unlink()
+    assert find_resume_checkpoint(checkpoints, "auto") == str(checkpoints / "checkpoint-2")
+    assert "skipping incomplete checkpoint" in caplog.text
+    resumed = train(cfg)
+    assert resumed.run_config["resolved"]["resumed_from"] == str(checkpoints / "checkpoint-2")
+    last = lambda r: [h for h in r.log_history if "loss" in h][-1]
+    assert last(resumed)["step"] == last(full)["step"] == 4
+    assert last(resumed)["loss"] == pytest.approx(last(full)["loss"], rel=1e-5)
+
+
+def test_resume_options(tmp_path):
+    assert find_resume_checkpoint(tmp_path / "none", "auto") is None
+    assert find_resume_checkpoint(tmp_path, "never") is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        find_resume_checkpoint(tmp_path, str(tmp_path))
+
+
+def test_non_finite_loss_stops_training():
+    from transformers import TrainerControl, TrainerState
+
+    from ironman_nb.train import _nonfinite_stop_callback
+
+    callback = _nonfinite_stop_callback()
+    state = TrainerState()
+    state.global_step = 3
+    control = callback.on_log(None, state, TrainerControl(), logs={"loss": 1.0, "grad_norm": 0.5})
+    assert not control.should_training_stop
+    control = callback.on_log(None, state, TrainerControl(), logs={"loss": float("nan"), "grad_norm": 0.5})
+    assert control.should_training_stop and not control.should_save
+    assert callback.bad["step"] == 3 and math.isnan(callback.bad["loss"])
+
+
+def test_missing_data_names_the_notebook(tmp_path, tiny_model_dir):
+    from ironman_nb.data import DataError
+
+    with pytest.raises(DataError, match="run notebooks/01_prepare_data.ipynb first"):
+        train(TrainConfig(base_model=str(tiny_model_dir), data_dir=str(tmp_path / "nothing"), output_dir=str(tmp_path / "o")))
