@@ -270,3 +270,38 @@ class PushConfig(StageConfig):
         elif not self.dry_run:
             problems.append(("repo_id", "is required when dry_run is False: set it to \"your-name/<model name>\""))
         return problems
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeConfig(StageConfig):
+    base_model: str = EMBEDDED_MODEL
+    adapter_dir: str = "../runs/lab/adapter"
+    output_dir: str = "../runs/lab/merged"
+    dtype: str = "auto"
+
+    choices: ClassVar[Mapping[str, tuple]] = {"dtype": ("auto", "fp32", "bf16", "fp16")}
+
+    def range_problems(self):
+        return _non_empty(self, "base_model", "adapter_dir", "output_dir")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareConfig(StageConfig):
+    base_model: str = EMBEDDED_MODEL
+    tuned_model: str = "../runs/lab/merged"
+    prompts_path: str = "../data/eval_prompts.jsonl"
+    eval_data: str = "../runs/lab/data/eval.jsonl"
+    output_dir: str = "../runs/lab/compare"
+    max_new_tokens: int = 256
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    batch_size: int = 8
+    max_prompts: int = 0
+    max_eval_samples: int = 0
+
+    def range_problems(self):
+        problems = _non_empty(self, "base_model", "tuned_model", "prompts_path", "output_dir")
+        problems += _positive(self, "max_new_tokens", "batch_size")
+        for name in ("max_prompts", "max_eval_samples"):
+            if getattr(self, name) < 0:
+                problems.append((name, f"must be >= 0 (got {getattr(self, name)})"))
+        return problems

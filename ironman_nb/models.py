@@ -116,9 +116,11 @@ def _not_found(base_model: str, err: Exception) -> ModelNotFoundError:
 
 
 def load_tokenizer(base_model: str):
+    """Tokenizer of a model, or of a folder that holds only a tokenizer (an adapter folder)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(base_model)
+    folder = Path(base_model).expanduser()
+    path = str(folder) if (folder / "tokenizer_config.json").is_file() else resolve_model_path(base_model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:

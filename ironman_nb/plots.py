@@ -67,10 +67,12 @@ def _draw(ax, history: list[dict], key: str, weight: float) -> bool:
         return False
     title, label = SERIES[key]
     ax.plot(xs, ys, "o", ms=3, alpha=0.35, color="C0" if key != "eval_loss" else "C1", label=f"{label} (raw)")
-    if len(ys) > 2 and key != "learning_rate":
+    # Train loss and grad norm are noisy per-step values: smooth them. The held-out loss is already a mean
+    # over the eval set and the learning rate is exact: connect their points instead.
+    if len(ys) > 2 and key in ("loss", "grad_norm"):
         ax.plot(xs, smooth(ys, weight), "-", lw=2, color="C0" if key != "eval_loss" else "C1", label=f"{label} (smoothed)")
     elif len(ys) > 1:
-        ax.plot(xs, ys, "-", lw=1.5, color="C1" if key == "eval_loss" else "C0")
+        ax.plot(xs, ys, "-", lw=1.5, color="C1" if key == "eval_loss" else "C0", label=label)
     x_is_step = any("step" in e for e in history)
     for step, epoch in epoch_marks(history) if x_is_step else []:
         ax.axvline(step, color="grey", ls=":", lw=1)

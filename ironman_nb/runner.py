@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import dataclasses
 import datetime as _dt
 import json
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ConfigError, PlotConfig, PrepareConfig, StageConfig, TrainConfig
+from .config import CompareConfig, ConfigError, MergeConfig, PlotConfig, PrepareConfig, PushConfig, StageConfig, TrainConfig
 from .io import atomic_write_json
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +46,14 @@ STAGES: tuple[Stage, ...] = (
         PlotConfig,
         lambda run: {"trainer_state": str(run / "adapter" / "trainer_state.json"), "output_dir": str(run / "plots")},
     ),
+    Stage("04_merge_lora", MergeConfig, lambda run: {"adapter_dir": str(run / "adapter"), "output_dir": str(run / "merged")}),
+    Stage(
+        "05_compare",
+        CompareConfig,
+        lambda run: {"tuned_model": str(run / "merged"), "eval_data": str(run / "data" / "eval.jsonl"),
+                     "output_dir": str(run / "compare")},
+    ),
+    Stage("06_push_to_hub", PushConfig, lambda run: {"model_dir": str(run / "merged")}),
 )
 
 # Parameters holding a path: a relative value given on the command line or in a params file is taken
@@ -94,6 +103,10 @@ def _absolute_paths(params: dict[str, Any], base: Path) -> dict[str, Any]:
         value = out.get(key)
         if isinstance(value, str) and value and not value.startswith(("http://", "https://")) and not Path(value).is_absolute():
             out[key] = str((base / value).resolve())
+    for key in ("base_model", "tuned_model"):  # a model is a Hub id unless a folder of that name exists here
+        value = out.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).is_dir():
+            out[key] = str((base / value).resolve())
     return out
 
 
@@ -126,12 +139,50 @@ def stage_params(merged: dict[str, Any], run_dir: Path, cwd: Path) -> tuple[dict
     return result, problems
 
 
+# Files in input folders that do not feed the next stage (cards and charts written for people).
+NOT_INPUTS = ("README.md", "*.png")
+
+
+def _input_state(value: str) -> list:
+    """(relative path, size, mtime) of an input file, or of every file in an input folder."""
+    import fnmatch
+
+    path = Path(value)
+    if path.is_file():
+        stat = path.stat()
+        return [(path.name, stat.st_size, stat.st_mtime_ns)]
+    if not path.is_dir():
+        return []
+    entries = []
+    for file in sorted(path.rglob("*")):
+        relative = file.relative_to(path)
+        if not file.is_file() or "checkpoints" in relative.parts or any(p.startswith(".") for p in relative.parts):
+            continue
+        if any(fnmatch.fnmatch(file.name, pattern) for pattern in NOT_INPUTS):
+            continue
+        stat = file.stat()
+        entries.append((str(relative), stat.st_size, stat.st_mtime_ns))
+    return entries
+
+
+def fingerprint(stage: Stage, params: dict[str, Any]) -> str:
+    """Changes when the notebook, its parameters, or any file it reads changes."""
+    digest = hashlib.sha256(stage.notebook.read_bytes())
+    digest.update(json.dumps(params, sort_keys=True, default=str).encode())
+    for key in sorted(params):
+        value = params[key]
+        if key != "output_dir" and isinstance(value, str) and (key in PATH_PARAMS or key in ("base_model", "tuned_model")):
+            digest.update(json.dumps([key, _input_state(value)]).encode())
+    return digest.hexdigest()
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def run(profile: str = "quick", params_file: str | None = None, run_dir: str | None = None,
-        overrides: dict[str, Any] | None = None, log_output: bool = True) -> Path:
+        overrides: dict[str, Any] | None = None, log_output: bool = True, force: bool = False) -> Path:
+    """Run every stage; with an existing run folder, skip stages done with unchanged inputs and parameters."""
     cwd = Path.cwd()
     merged = profile_params(profile)
     for extra in (load_params_file(params_file), overrides or {}):
@@ -154,7 +205,14 @@ def run(profile: str = "quick", params_file: str | None = None, run_dir: str | N
         status["stages"] = json.loads(status_path.read_text(encoding="utf-8")).get("stages", {})
     for stage in STAGES:
         output = run_path / f"{stage.name}.ipynb"
-        entry = {"status": "running", "started": _now(), "params": per_stage[stage.name], "notebook": str(output)}
+        stage_fingerprint = fingerprint(stage, per_stage[stage.name])
+        previous = status["stages"].get(stage.name, {})
+        if (not force and previous.get("status") == "done" and previous.get("fingerprint") == stage_fingerprint
+                and output.is_file()):
+            print(f"[ironman_nb] {stage.name} skipped: done before with the same inputs and parameters", flush=True)
+            continue
+        entry = {"status": "running", "started": _now(), "params": per_stage[stage.name], "notebook": str(output),
+                 "fingerprint": stage_fingerprint}
         status["stages"][stage.name] = entry
         atomic_write_json(status_path, status)
         print(f"[ironman_nb] {stage.name} …", flush=True)
@@ -193,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--profile", default="quick", help="configs/<profile>.yaml (quick or full)")
     run_p.add_argument("--params", help="YAML file of parameters: shared names, or per-notebook sections")
     run_p.add_argument("--run-dir", help="run folder (default runs/<time>-<profile>)")
+    run_p.add_argument("--force", action="store_true", help="re-run every stage, even those done with the same inputs")
     run_p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
                        help="one parameter; VALUE is read as YAML (quote strings that look like numbers)")
     ns = parser.parse_args(argv)
@@ -200,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = {name: yaml.safe_load(value) for name, value in ns.param}
     try:
-        run_path = run(ns.profile, ns.params, ns.run_dir, overrides)
+        run_path = run(ns.profile, ns.params, ns.run_dir, overrides, force=ns.force)
     except (ConfigError, StageFailed) as err:
         print(f"[ironman_nb] {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1

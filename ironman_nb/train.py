@@ -5,12 +5,15 @@ Also the entry point for launchers: `python -m ironman_nb.train --config run_con
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -176,8 +179,50 @@ def _nonfinite_stop_callback():
     return StopOnNonFinite()
 
 
+def _progress_log_callback():
+    from transformers import TrainerCallback
+
+    class ProgressLog(TrainerCallback):
+        """One plain line per log: readable in a papermill log, a nohup log and a notebook alike."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started, self.first_step = time.perf_counter(), state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            done = state.global_step - self.first_step
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
+            values = " ".join(f"{k} {logs[k]:.4g}" for k in ("loss", "eval_loss", "grad_norm", "learning_rate") if k in logs)
+            if values:
+                print(f"[train] step {state.global_step}/{state.max_steps} {values} | {elapsed:.0f} s, ETA {eta:.0f} s", flush=True)
+
+    return ProgressLog()
+
+
+def _terminate_callback():
+    from transformers import TrainerCallback
+
+    class SaveOnTerminate(TrainerCallback):
+        """After SIGTERM (a pod being stopped or pre-empted), save a checkpoint at the end of the step and stop."""
+
+        requested = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.requested:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return SaveOnTerminate()
+
+
 class NonFiniteTrainingError(RuntimeError):
     pass
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM arrived; a checkpoint was saved and `resume="auto"` continues from it."""
 
 
 @dataclasses.dataclass
@@ -214,6 +259,7 @@ class TrainerSetup:
     eval_samples: int
     checkpoint_dir: Path
     stop_on_nonfinite: Any
+    on_terminate: Any
 
 
 def load_training_data(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
@@ -286,6 +332,7 @@ def build_trainer(cfg: TrainConfig) -> "TrainerSetup":
     log.info("fast path: %s", fast)
     checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
     stop_on_nonfinite = _nonfinite_stop_callback()
+    on_terminate = _terminate_callback()
     trainer = _sft_trainer_class()(
         model=model,
         args=sft_config(cfg, fast, checkpoint_dir, eval_ds is not None),
@@ -293,10 +340,10 @@ def build_trainer(cfg: TrainConfig) -> "TrainerSetup":
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
-        callbacks=[stop_on_nonfinite],
+        callbacks=[stop_on_nonfinite, _progress_log_callback(), on_terminate],
     )
     return TrainerSetup(trainer, fast, train_records, len(train_ds), len(eval_ds) if eval_ds is not None else 0,
-                    checkpoint_dir, stop_on_nonfinite)
+                        checkpoint_dir, stop_on_nonfinite, on_terminate)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -308,16 +355,24 @@ def train(cfg: TrainConfig) -> TrainResult:
     do_eval = setup.eval_samples > 0
     tokenizer = trainer.processing_class
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    with _sigterm_sets(setup.on_terminate):
+        output = trainer.train(resume_from_checkpoint=resume_from)
     runtime = time.perf_counter() - started
     if stop_on_nonfinite.bad:
-        raise NonFiniteTrainingError(
-            f"training stopped: non-finite value {stop_on_nonfinite.bad}; the last good checkpoint in {checkpoint_dir} is kept. "
-            "Lower learning_rate, or use precision='fp32' / 'bf16' instead of fp16."
+        error = (f"training stopped: non-finite value {stop_on_nonfinite.bad}; the last good checkpoint in "
+                 f"{checkpoint_dir} is kept. Lower learning_rate, or use precision='fp32' / 'bf16' instead of fp16.")
+        # Marks the run failed: merge and upload refuse it (the runner also records it in status.json).
+        atomic_write_json(output_dir / "run_config.json", {"config": cfg.to_dict(), "failed": True, "error": error,
+                                                          "result": {"global_step": trainer.state.global_step}})
+        raise NonFiniteTrainingError(error)
+    if setup.on_terminate.requested:
+        raise TrainingInterrupted(
+            f"SIGTERM: stopped at step {trainer.state.global_step} after saving {checkpoint_dir}/checkpoint-"
+            f"{trainer.state.global_step}; run again with resume='auto' to continue"
         )
     history = trainer.state.log_history
-    if do_eval and not (history and "eval_loss" in history[-1] and history[-1].get("step") == trainer.state.global_step):
-        trainer.evaluate()
+    if do_eval and not any("eval_loss" in h and h.get("step") == trainer.state.global_step for h in history):
+        trainer.evaluate()  # the held-out loss after training, unless the last periodic eval already gave it
     history = trainer.state.log_history
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
 
@@ -346,6 +401,24 @@ def train(cfg: TrainConfig) -> TrainResult:
     }
     _save_final(trainer, output_dir, cfg, run_config)
     return TrainResult(output_dir, run_config, history)
+
+
+@contextlib.contextmanager
+def _sigterm_sets(callback):
+    """While training, SIGTERM only raises a flag that the callback turns into save-and-stop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        callback.requested = True
+        print("[train] SIGTERM received: saving a checkpoint at the end of this step", flush=True)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _save_final(trainer, output_dir: Path, cfg: TrainConfig, run_config: dict) -> None:
@@ -389,7 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     data: Any = read_json(ns.config, "training config")
     params = data.get("config", data)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = train(TrainConfig.from_params(**params))
+    try:
+        result = train(TrainConfig.from_params(**params))
+    except TrainingInterrupted as err:
+        print(f"[train] {err}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     print(json.dumps(result.run_config["result"]))
     return 0
 

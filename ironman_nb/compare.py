@@ -1,0 +1,266 @@
+"""Before / after: the base and the tuned model on the same prompts, and on the held-out data.
+
+Generation goes through each tokenizer's chat template (never a hand-written prompt string), greedy, in
+left-padded batches. The objective measure is the mean assistant-token negative log-likelihood on the
+held-out `eval.jsonl`, with a paired bootstrap confidence interval on the difference.
+"""
+from __future__ import annotations
+
+import dataclasses
+import html
+import io
+import re
+from pathlib import Path
+
+from .config import CompareConfig
+from .data import chat_messages, tokenize_conversation
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
+from .models import end_of_turn_token, load_model, load_tokenizer, resolve_device, resolve_precision
+
+# Answers that call themselves an AI / language model (the persona breaking), in Korean and English.
+PERSONA_BREAK = re.compile(
+    r"(저는|나는|난|전|제가|내가)\s*(그냥\s*)?(AI|인공\s*지능|언어\s*모델|챗봇|어시스턴트|인공지능\s*비서|프로그램)"
+    r"|(AI|인공\s*지능)\s*(언어\s*)?(모델|어시스턴트|비서|챗봇)\s*(입니다|이에요|예요|이야|야|일\s*뿐)"
+    r"|\bI(?:'m| am) (?:an? )?(?:AI|artificial intelligence|language model|assistant|chatbot)\b"
+    r"|\bas an AI\b|언어\s*모델로서|AI로서",
+    re.IGNORECASE,
+)
+# Words that mark Tony Stark's world: a small, documented lexicon (README: "Comparison metrics").
+PERSONA_MARKERS = ("토니", "스타크", "아이언맨", "슈트", "수트", "자비스", "프라이데이", "아크 원자로", "원자로",
+                   "페퍼", "로디", "어벤져스", "스타크 인더스트리", "천재", "억만장자")
+HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
+HAN = re.compile(r"[\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff]")
+BOOTSTRAP_SAMPLES = 2000
+
+
+def clean_answer(text: str) -> str:
+    """Drop the half of a Hangul syllable (U+FFFD) that a cut-off answer can end with."""
+    return text.rstrip("\ufffd").strip()
+
+
+def answer_stats(text: str, ended: bool) -> dict:
+    letters = [c for c in text if c.isalpha()]
+    hangul = sum(1 for c in letters if HANGUL.match(c))
+    return {
+        "ended_with_eot": ended,
+        "hangul_share": round(hangul / len(letters), 4) if letters else 0.0,
+        "has_han": bool(HAN.search(text)),
+        "persona_break": bool(PERSONA_BREAK.search(text)),
+        "persona_marker": any(m in text for m in PERSONA_MARKERS),
+        "chars": len(text),
+    }
+
+
+def summarise(stats: list[dict]) -> dict:
+    n = len(stats) or 1
+    return {
+        "eot_rate": sum(s["ended_with_eot"] for s in stats) / n,
+        "hangul_share": sum(s["hangul_share"] for s in stats) / n,
+        "han_rate": sum(s["has_han"] for s in stats) / n,
+        "persona_break_rate": sum(s["persona_break"] for s in stats) / n,
+        "persona_marker_rate": sum(s["persona_marker"] for s in stats) / n,
+        "mean_chars": sum(s["chars"] for s in stats) / n,
+    }
+
+
+def generate_answers(model, tokenizer, prompts: list[str], system_prompt: str, max_new_tokens: int,
+                     batch_size: int) -> list[tuple[str, bool]]:
+    """Greedy answers in left-padded batches; (text, ended with the end-of-turn token) per prompt."""
+    import torch
+
+    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
+    stop_ids = list(dict.fromkeys(i for i in (eot_id, tokenizer.eos_token_id) if i is not None))
+    texts = [
+        tokenizer.apply_chat_template(chat_messages({"instruction": p, "input": "", "output": ""}, system_prompt)[:-1],
+                                      tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # batched greedy matches one-at-a-time only with left padding
+    results = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(model.device)
+            with torch.no_grad():
+                out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+                                     pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+            for row in out[:, batch["input_ids"].shape[1]:].tolist():
+                ended = any(t in stop_ids for t in row)
+                if ended:
+                    row = row[: min(row.index(t) for t in stop_ids if t in row)]
+                results.append((clean_answer(tokenizer.decode(row, skip_special_tokens=True)), ended))
+    finally:
+        tokenizer.padding_side = side
+    return results
+
+
+def assistant_nll(model, tokenizer, records: list[dict], batch_size: int = 4) -> list[tuple[float, int]]:
+    """(summed NLL, token count) of each record's final assistant turn, as trained (end-of-turn included)."""
+    import torch
+    import torch.nn.functional as F
+
+    encoded = [tokenize_conversation(tokenizer, r["messages"]) for r in records]
+    out = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        width = max(len(e["input_ids"]) for e in chunk)
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in chunk], device=model.device)
+        labels = torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in chunk], device=model.device)
+        mask = (torch.arange(width, device=model.device)[None] < torch.tensor([len(e["input_ids"]) for e in chunk], device=model.device)[:, None]).long()
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        for row_loss, row_targets in zip(losses, targets):
+            count = int((row_targets != -100).sum())
+            out.append((float(row_loss.sum()), count))
+    return out
+
+
+def paired_bootstrap(before: list[tuple[float, int]], after: list[tuple[float, int]], samples: int = BOOTSTRAP_SAMPLES,
+                     seed: int = 0) -> dict:
+    """95 % interval of (after − before) token-weighted mean NLL, resampling held-out samples in pairs."""
+    import numpy as np
+
+    b_sum, counts = np.array([s for s, _ in before]), np.array([c for _, c in before], dtype=float)
+    a_sum = np.array([s for s, _ in after])
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(counts), size=(samples, len(counts)))
+    diffs = (a_sum[idx].sum(1) - b_sum[idx].sum(1)) / counts[idx].sum(1)
+    point = (a_sum.sum() - b_sum.sum()) / counts.sum()
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return {"difference": float(point), "ci95": [float(low), float(high)], "bootstrap_samples": samples}
+
+
+@dataclasses.dataclass
+class CompareResult:
+    output_dir: Path
+    rows: list[dict]
+    metrics: dict
+
+    def table(self):
+        import pandas as pd
+
+        return pd.DataFrame([{"prompt": r["prompt"], "before": r["before"], "after": r["after"]} for r in self.rows])
+
+    def metrics_table(self):
+        import pandas as pd
+
+        keys = ["eval_nll"] + list(self.metrics["before"]["answers"])
+        rows = []
+        for key in keys:
+            pick = (lambda side: self.metrics[side]["eval_nll"]) if key == "eval_nll" else (lambda side: self.metrics[side]["answers"][key])
+            rows.append((key, pick("before"), pick("after")))
+        return pd.DataFrame(rows, columns=["metric", "before", "after"]).set_index("metric")
+
+
+def _markdown(rows: list[dict], metrics: dict) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["# Before / after fine-tuning", "", f"- base: `{metrics['base_model']}`", f"- tuned: `{metrics['tuned_model']}`"]
+    nll = metrics["eval_nll_difference"]
+    if nll:
+        lines.append(f"- held-out assistant NLL: {metrics['before']['eval_nll']:.4f} → {metrics['after']['eval_nll']:.4f} "
+                     f"(Δ {nll['difference']:+.4f}, 95 % CI {nll['ci95'][0]:+.4f} … {nll['ci95'][1]:+.4f})")
+    lines += ["", "| # | prompt | before | after |", "|---|---|---|---|"]
+    lines += [f"| {i} | {cell(r['prompt'])} | {cell(r['before'])} | {cell(r['after'])} |" for i, r in enumerate(rows, 1)]
+    return "\n".join(lines) + "\n"
+
+
+def _html(rows: list[dict], metrics: dict) -> str:
+    body = "".join(
+        f"<tr><td>{i}</td><td>{html.escape(r['prompt'])}</td><td>{html.escape(r['before'])}</td><td>{html.escape(r['after'])}</td></tr>"
+        for i, r in enumerate(rows, 1)
+    )
+    return (
+        "<!doctype html><html lang=\"ko\"><head><meta charset=\"utf-8\"><title>Before / after fine-tuning</title>"
+        "<style>body{font-family:'Noto Sans KR','Apple SD Gothic Neo','Malgun Gothic',sans-serif;margin:2em}"
+        "table{border-collapse:collapse;width:100%}td,th{border:1px solid #ccc;padding:.5em;vertical-align:top;white-space:pre-wrap}"
+        "th{background:#f4f4f4}</style></head><body>"
+        f"<h1>Before / after fine-tuning</h1><p>base: <code>{html.escape(metrics['base_model'])}</code> · "
+        f"tuned: <code>{html.escape(metrics['tuned_model'])}</code></p>"
+        "<table><thead><tr><th>#</th><th>prompt</th><th>before</th><th>after</th></tr></thead>"
+        f"<tbody>{body}</tbody></table></body></html>\n"
+    )
+
+
+def metrics_chart(metrics: dict):
+    import matplotlib.pyplot as plt
+
+    keys = list(metrics["before"]["answers"])
+    keys = [k for k in keys if k != "mean_chars"]
+    fig, (ax_rates, ax_nll) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [4, 1]})
+    x = range(len(keys))
+    ax_rates.bar([i - 0.2 for i in x], [metrics["before"]["answers"][k] for k in keys], 0.4, label="before")
+    ax_rates.bar([i + 0.2 for i in x], [metrics["after"]["answers"][k] for k in keys], 0.4, label="after")
+    ax_rates.set_xticks(list(x), keys, rotation=20)
+    ax_rates.set_ylim(0, 1)
+    ax_rates.set_title("answers")
+    ax_rates.legend()
+    ax_nll.bar(["before", "after"], [metrics["before"]["eval_nll"] or 0, metrics["after"]["eval_nll"] or 0], color=["C0", "C1"])
+    ax_nll.set_title("held-out NLL")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _side(model_name: str, prompts: list[str], eval_records: list[dict], cfg: CompareConfig, device: str, precision: str):
+    tokenizer = load_tokenizer(model_name)
+    model = load_model(model_name, precision, device)
+    model.eval()
+    answers = generate_answers(model, tokenizer, prompts, cfg.system_prompt, cfg.max_new_tokens, cfg.batch_size)
+    nll = assistant_nll(model, tokenizer, eval_records) if eval_records else []
+    del model
+    return answers, nll
+
+
+def compare(cfg: CompareConfig) -> CompareResult:
+    prompts_path = Path(cfg.prompts_path)
+    records = read_jsonl(prompts_path, "prompts file")
+    prompts = []
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+            raise ValueError(f"{prompts_path}, record {number}: needs a non-empty 'prompt' field")
+        prompts.append(record["prompt"].strip())
+    if cfg.max_prompts:
+        prompts = prompts[: cfg.max_prompts]
+    eval_records = read_jsonl(cfg.eval_data, "held-out eval.jsonl") if cfg.eval_data and Path(cfg.eval_data).is_file() else []
+    if cfg.max_eval_samples:
+        eval_records = eval_records[: cfg.max_eval_samples]
+
+    device = resolve_device()
+    precision = resolve_precision("auto", device)
+    before, nll_before = _side(cfg.base_model, prompts, eval_records, cfg, device, precision)
+    after, nll_after = _side(cfg.tuned_model, prompts, eval_records, cfg, device, precision)
+
+    rows = []
+    for prompt, (b_text, b_end), (a_text, a_end) in zip(prompts, before, after):
+        rows.append({"prompt": prompt, "before": b_text, "after": a_text,
+                     "before_stats": answer_stats(b_text, b_end), "after_stats": answer_stats(a_text, a_end)})
+
+    def mean_nll(values):
+        return sum(s for s, _ in values) / max(1, sum(c for _, c in values)) if values else None
+
+    metrics = {
+        "base_model": cfg.base_model,
+        "tuned_model": cfg.tuned_model,
+        "prompts": len(prompts),
+        "eval_samples": len(eval_records),
+        "max_new_tokens": cfg.max_new_tokens,
+        "before": {"eval_nll": mean_nll(nll_before), "answers": summarise([r["before_stats"] for r in rows])},
+        "after": {"eval_nll": mean_nll(nll_after), "answers": summarise([r["after_stats"] for r in rows])},
+        "eval_nll_difference": paired_bootstrap(nll_before, nll_after) if nll_before else None,
+        "lexicons": {"persona_markers": list(PERSONA_MARKERS), "persona_break_pattern": PERSONA_BREAK.pattern},
+    }
+    out = Path(cfg.output_dir)
+    atomic_write_jsonl(out / "comparison.jsonl", rows)
+    atomic_write_text(out / "comparison.md", _markdown(rows, metrics))
+    atomic_write_text(out / "comparison.html", _html(rows, metrics))
+    atomic_write_bytes(out / "metrics.png", metrics_chart(metrics))
+    atomic_write_json(out / "metrics.json", metrics)
+    return CompareResult(out, rows, metrics)

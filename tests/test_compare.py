@@ -1,0 +1,104 @@
+import json
+
+import pytest
+
+from ironman_nb.compare import (
+    answer_stats,
+    assistant_nll,
+    clean_answer,
+    compare,
+    generate_answers,
+    paired_bootstrap,
+    summarise,
+)
+from ironman_nb.config import DEFAULT_SYSTEM_PROMPT, CompareConfig
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from ironman_nb.models import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.eval()
+    return model, load_tokenizer(str(tiny_model_dir))
+
+
+def test_batched_generation_equals_one_at_a_time(tiny):
+    model, tokenizer = tiny
+    prompts = ["안녕?", "아크 원자로는 어떻게 작동해? 자세히 설명해 줘.", "hi", "슈트 몇 벌이야"]
+    batched = generate_answers(model, tokenizer, prompts, DEFAULT_SYSTEM_PROMPT, max_new_tokens=12, batch_size=4)
+    alone = [generate_answers(model, tokenizer, [p], DEFAULT_SYSTEM_PROMPT, max_new_tokens=12, batch_size=1)[0] for p in prompts]
+    assert batched == alone
+    assert tokenizer.padding_side == "right"  # restored
+
+
+def test_nll_counts_only_the_answer(tiny):
+    import torch
+
+    model, tokenizer = tiny
+    record = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                           {"role": "assistant", "content": "토니야."}]}
+    (total, count), = assistant_nll(model, tokenizer, [record])
+    answer_tokens = tokenizer("토니야.<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert count == len(answer_tokens)
+    longer = {"messages": record["messages"][:2] + [{"role": "assistant", "content": "토니야. 아이언맨이지."}]}
+    pair = assistant_nll(model, tokenizer, [record, longer], batch_size=2)
+    assert pair[0][0] == pytest.approx(total, rel=1e-4)  # padding in a batch changes nothing
+    assert pair[1][1] > count
+
+
+def test_answer_statistics_on_hand_made_answers():
+    tony = answer_stats("나는 토니 스타크야. 슈트는 오늘도 완벽해.", ended=True)
+    assert tony == {"ended_with_eot": True, "hangul_share": 1.0, "has_han": False, "persona_break": False,
+                    "persona_marker": True, "chars": len("나는 토니 스타크야. 슈트는 오늘도 완벽해.")}
+    bot = answer_stats("저는 AI 언어 모델입니다. 我是助手", ended=False)
+    assert bot["persona_break"] and bot["has_han"] and not bot["persona_marker"]
+    assert bot["hangul_share"] == pytest.approx(9 / (9 + 2 + 4))  # 9 Hangul, 2 Latin, 4 Han letters
+    assert answer_stats("As an AI, I cannot.", True)["persona_break"]
+    assert not answer_stats("AI 얘기라면 자비스가 전문이지.", True)["persona_break"]
+    summary = summarise([tony, bot])
+    assert summary["eot_rate"] == 0.5 and summary["han_rate"] == 0.5 and summary["persona_break_rate"] == 0.5
+
+
+def test_cut_off_hangul_is_trimmed():
+    assert clean_answer("완벽하\ufffd") == "완벽하"
+
+
+def test_paired_bootstrap_interval_brackets_the_difference():
+    before = [(10.0, 5), (8.0, 4), (12.0, 6), (9.0, 5)]
+    after = [(7.0, 5), (6.0, 4), (9.0, 6), (7.5, 5)]
+    result = paired_bootstrap(before, after, samples=500)
+    assert result["difference"] == pytest.approx((29.5 - 39.0) / 20)
+    low, high = result["ci95"]
+    assert low <= result["difference"] <= high < 0
+
+
+def test_compare_writes_every_output(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in ["안녕?", "슈트 자랑해 봐"]), encoding="utf-8")
+    from conftest import write_chat_data
+
+    data = write_chat_data(tmp_path / "data", train_rows=1, eval_rows=3)
+    result = compare(CompareConfig(base_model=str(tiny_model_dir), tuned_model=str(tiny_model_dir), prompts_path=str(prompts),
+                                   eval_data=str(data / "eval.jsonl"), output_dir=str(tmp_path / "out"), max_new_tokens=8))
+    out = tmp_path / "out"
+    for name in ("comparison.jsonl", "comparison.md", "comparison.html", "metrics.json", "metrics.png"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(l) for l in (out / "comparison.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["prompt"] for r in rows] == ["안녕?", "슈트 자랑해 봐"] and "after_stats" in rows[0]
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["before"]["eval_nll"] == pytest.approx(metrics["after"]["eval_nll"])  # same model both sides
+    assert metrics["eval_nll_difference"]["difference"] == pytest.approx(0.0, abs=1e-6)
+    assert '<meta charset="utf-8">' in (out / "comparison.html").read_text(encoding="utf-8")
+    assert "슈트 자랑해 봐" in (out / "comparison.md").read_text(encoding="utf-8")
+    assert list(result.metrics_table().index)[:2] == ["eval_nll", "eot_rate"]
+
+
+def test_prompts_without_a_prompt_field_are_refused(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "ok"}\n{"question": "no"}\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl, record 2: needs a non-empty 'prompt'"):
+        compare(CompareConfig(base_model=str(tiny_model_dir), tuned_model=str(tiny_model_dir), prompts_path=str(prompts),
+                              eval_data="", output_dir=str(tmp_path / "out")))

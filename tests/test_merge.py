@@ -1,0 +1,94 @@
+import json
+
+import pytest
+
+from conftest import write_chat_data
+from ironman_nb.config import DEFAULT_SYSTEM_PROMPT, MergeConfig, TrainConfig
+from ironman_nb.data import chat_messages
+from ironman_nb.merge import MergeError, merge, persona_chat_template
+from ironman_nb.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("trained")
+    data = write_chat_data(root / "data")
+    train(TrainConfig(base_model=str(tiny_model_dir), data_dir=str(data), output_dir=str(root / "adapter"),
+                      max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                      learning_rate=5e-3, logging_steps=1, save_steps=10, eval_steps=0, max_length=512))
+    return root
+
+
+def test_merged_model_loads_without_peft_and_matches_the_adapter(trained, tiny_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = merge(MergeConfig(base_model=str(tiny_model_dir), adapter_dir=str(trained / "adapter"), output_dir=str(tmp_path / "merged")))
+    merged_dir = tmp_path / "merged"
+    assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "generation_config.json").is_file()
+    assert not any(p.name.startswith("adapter") for p in merged_dir.iterdir())
+    model = AutoModelForCausalLM.from_pretrained(merged_dir)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    assert model.generation_config.eos_token_id in (2, [2]) or 2 in model.generation_config.eos_token_id
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(model.state_dict()[name], base.state_dict()[name])
+    assert "max |Δ logit|" in result.summary().index[3]
+    info = json.loads((merged_dir / "ironman_nb.json").read_text(encoding="utf-8"))
+    assert info["system_prompt"] == DEFAULT_SYSTEM_PROMPT
+
+    # Template round trip: training path vs the saved tokenizer without a system message.
+    conversation = chat_messages({"instruction": "슈트 몇 벌이야?", "input": "", "output": "셀 수 없을 만큼."}, DEFAULT_SYSTEM_PROMPT)
+    from ironman_nb.models import load_tokenizer
+
+    training_text = load_tokenizer(str(trained / "adapter")).apply_chat_template(conversation, tokenize=False)
+    assert tokenizer.apply_chat_template(conversation[1:], tokenize=False) == training_text
+    assert tokenizer.apply_chat_template(conversation, tokenize=False) == training_text
+    prompt = tokenizer.apply_chat_template(conversation[1:2], tokenize=False, add_generation_prompt=True)
+    assert prompt.startswith("<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT)
+
+
+def test_corrupted_adapter_is_refused_and_earlier_merge_kept(trained, tiny_model_dir, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "model.safetensors").write_text("earlier good merge")
+    broken = tmp_path / "adapter"
+    shutil.copytree(trained / "adapter", broken)
+    tensors = load_file(str(broken / "adapter_model.safetensors"))
+    first = sorted(tensors)[0]
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    save_file(tensors, str(broken / "adapter_model.safetensors"))
+    with pytest.raises(MergeError, match=r"adapter tensor\(s\) hold NaN or inf"):
+        merge(MergeConfig(base_model=str(tiny_model_dir), adapter_dir=str(broken), output_dir=str(out)))
+    assert (out / "model.safetensors").read_text() == "earlier good merge"
+
+
+def test_adapter_for_another_base_is_refused(trained, tmp_path):
+    with pytest.raises(MergeError, match=r"the adapter was trained on .*but base_model is 'Qwen/Qwen2-7B-Instruct'"):
+        merge(MergeConfig(base_model="Qwen/Qwen2-7B-Instruct", adapter_dir=str(trained / "adapter"), output_dir=str(tmp_path / "m")))
+
+
+def test_failed_run_is_refused(trained, tiny_model_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "adapter", run / "adapter")
+    (run / "status.json").write_text(json.dumps({"stages": {"02_train_lora": {"status": "failed", "error": "NaN"}}}))
+    with pytest.raises(MergeError, match="refusing to merge: stage 02_train_lora failed"):
+        merge(MergeConfig(base_model=str(tiny_model_dir), adapter_dir=str(run / "adapter"), output_dir=str(run / "merged")))
+
+
+def test_persona_template_adds_the_default_system_message(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = persona_chat_template(tok.chat_template, '따옴표 "와 줄바꿈\n도 안전')
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert text.startswith('<|im_start|>system\n따옴표 "와 줄바꿈\n도 안전<|im_end|>')
+    own = tok.apply_chat_template([{"role": "system", "content": "다른 시스템"}, {"role": "user", "content": "hi"}], tokenize=False)
+    assert own.startswith("<|im_start|>system\n다른 시스템<|im_end|>") and "따옴표" not in own

@@ -1,0 +1,147 @@
+"""Interrupted and failing runs, stage skipping, and secrets."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, write_chat_data
+from ironman_nb.config import MergeConfig, TrainConfig
+
+TOKEN_SHAPE = re.compile(rb"hf_[A-Za-z0-9]{30,}")
+
+
+def tiny_train_params(tmp_path, model_dir, **overrides):
+    data = write_chat_data(tmp_path / "data", train_rows=16)
+    params = dict(base_model=str(model_dir), data_dir=str(data), output_dir=str(tmp_path / "adapter"), max_steps=40,
+                  per_device_train_batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-3, logging_steps=1,
+                  save_steps=100, eval_steps=0, max_length=512, seed=11)
+    params.update(overrides)
+    return params
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    from ironman_nb.train import train
+
+    reference = train(TrainConfig(**tiny_train_params(tmp_path / "reference", tiny_model_dir)))
+
+    params = tiny_train_params(tmp_path / "killed", tiny_model_dir)
+    config = tmp_path / "run_config.json"
+    config.write_text(json.dumps(params))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "ironman_nb.train", "--config", str(config)], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "[train] step 3/40" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    rest, _ = process.communicate(timeout=300)
+    output = "".join(lines) + rest
+    assert process.returncode == 128 + signal.SIGTERM, output
+    checkpoints = sorted((tmp_path / "killed" / "adapter" / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1, output
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert 3 <= stopped_at < 40
+    assert not (tmp_path / "killed" / "adapter" / "adapter_model.safetensors").exists()  # no final adapter yet
+
+    resumed = train(TrainConfig(**params))
+    assert resumed.run_config["resolved"]["resumed_from"] == str(checkpoints[0])
+    last = lambda r: [h for h in r.log_history if "loss" in h][-1]
+    assert last(resumed)["step"] == last(reference)["step"] == 40
+    assert last(resumed)["loss"] == pytest.approx(last(reference)["loss"], rel=1e-5)
+
+
+def test_non_finite_loss_fails_the_run_and_merge_refuses_it(tmp_path, tiny_model_dir):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ironman_nb.merge import MergeError, merge
+    from ironman_nb.train import NonFiniteTrainingError, train
+
+    broken_model = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken_model)
+    weights = load_file(str(broken_model / "model.safetensors"))
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("inf"))
+    save_file(weights, str(broken_model / "model.safetensors"), metadata={"format": "pt"})
+    params = tiny_train_params(tmp_path, broken_model, max_steps=4, save_steps=1)
+    with pytest.raises(NonFiniteTrainingError, match="non-finite value"):
+        train(TrainConfig(**params))
+    adapter = tmp_path / "adapter"
+    run_config = json.loads((adapter / "run_config.json").read_text())
+    assert run_config["failed"] is True and run_config["result"]["global_step"] == 1
+    assert not (adapter / "adapter_model.safetensors").exists()
+    assert not (adapter / "checkpoints").exists() or not any((adapter / "checkpoints").glob("checkpoint-*"))
+    with pytest.raises(MergeError, match="marks the training as failed"):
+        merge(MergeConfig(base_model=str(broken_model), adapter_dir=str(adapter), output_dir=str(tmp_path / "merged")))
+
+
+def test_runner_skips_stages_done_with_unchanged_inputs(tmp_path, monkeypatch):
+    import papermill
+
+    from ironman_nb import runner
+
+    calls = []
+
+    def fake_execute(notebook, output, parameters, **kwargs):
+        calls.append(os.path.basename(notebook))
+        stage = os.path.basename(notebook)[:-6]
+        out = parameters.get("output_dir") or parameters.get("model_dir")
+        os.makedirs(out, exist_ok=True)
+        # 06 writes only its model card into the merged folder, which is no input of any stage.
+        name = "README.md" if "model_dir" in parameters else "trainer_state.json" if stage == "02_train_lora" else f"{stage}.out"
+        with open(os.path.join(out, name), "w") as handle:
+            handle.write(str(time.time_ns()))
+        with open(output, "w") as handle:
+            handle.write("{}")
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("instruction,input,output\nq,,a\n")
+    run_dir = tmp_path / "run"
+    runner.run("quick", run_dir=str(run_dir), overrides={"input_path": str(sheet)}, log_output=False)
+    assert len(calls) == 6
+    calls.clear()
+    runner.run("quick", run_dir=str(run_dir), overrides={"input_path": str(sheet)}, log_output=False)
+    assert calls == []
+    # A changed training parameter re-runs training and everything that reads its outputs.
+    runner.run("quick", run_dir=str(run_dir), overrides={"input_path": str(sheet), "02_train_lora": {"lora_r": 4}},
+               log_output=False)
+    assert calls == ["02_train_lora.ipynb", "03_plot_training.ipynb", "04_merge_lora.ipynb", "05_compare.ipynb",
+                     "06_push_to_hub.ipynb"]
+    calls.clear()
+    time.sleep(0.01)
+    sheet.write_text("instruction,input,output\nq,,changed answer\n")
+    runner.run("quick", run_dir=str(run_dir), overrides={"input_path": str(sheet), "02_train_lora": {"lora_r": 4}},
+               log_output=False)
+    assert calls[0] == "01_prepare_data.ipynb" and len(calls) == 6
+    calls.clear()
+    runner.run("quick", run_dir=str(run_dir), overrides={"input_path": str(sheet), "02_train_lora": {"lora_r": 4}},
+               log_output=False, force=True)
+    assert len(calls) == 6
+
+
+def _tracked_files():
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=False)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    return [ROOT / name for name in listed.stdout.decode().split("\0") if name]
+
+
+def test_no_token_shaped_string_is_committed():
+    offenders = [str(p.relative_to(ROOT)) for p in _tracked_files() if p.is_file() and TOKEN_SHAPE.search(p.read_bytes())]
+    assert offenders == []
+
+
+def test_committed_notebooks_carry_no_outputs():
+    for path in _tracked_files():
+        if path.suffix == ".ipynb":
+            nb = json.loads(path.read_text(encoding="utf-8"))
+            assert all(not c.get("outputs") and not c.get("execution_count") for c in nb["cells"] if c["cell_type"] == "code"), path
