@@ -201,6 +201,7 @@ class TrainConfig(StageConfig):
     precision: str = "auto"
     gradient_checkpointing: str = "auto"
     padding_free: str = "auto"
+    shared_prefix: str = "auto"
     seed: int = 42
     resume: str = "auto"
 
@@ -209,6 +210,7 @@ class TrainConfig(StageConfig):
         "precision": ("auto", "fp32", "bf16", "fp16"),
         "gradient_checkpointing": ("auto", "on", "off"),
         "padding_free": ("auto", "on", "off"),
+        "shared_prefix": ("auto", "on", "off"),
     }
 
     def range_problems(self):

@@ -27,26 +27,56 @@ def full_logits_loss(model, batch):
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
 
 
-@pytest.mark.parametrize("padding_free", ["on", "off"])
-def test_selected_logits_loss_equals_full_logits_loss(tmp_path, tiny_model_dir, padding_free):
+BATCH_MODES = {
+    "packed": dict(padding_free="on", shared_prefix="off"),
+    "padded": dict(padding_free="off", shared_prefix="off"),
+    "shared prefix": dict(padding_free="off", shared_prefix="on"),
+}
+
+
+@pytest.mark.parametrize("mode", BATCH_MODES)
+def test_fast_loss_equals_full_logits_loss(tmp_path, tiny_model_dir, mode):
+    """Every batch layout gives the plain full-logits loss of the same samples, and the same gradients."""
     import torch
 
-    setup = build_trainer(tiny_cfg(tmp_path, tiny_model_dir, padding_free=padding_free))
+    setup = build_trainer(tiny_cfg(tmp_path, tiny_model_dir, **BATCH_MODES[mode]))
     trainer = setup.trainer
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
-    assert ("attention_mask" in batch) == (padding_free == "off")
+    samples = [trainer.train_dataset[i] for i in range(3)]
+    batch = trainer.data_collator(samples)
+    assert ("prefix_ids" in batch) == (mode == "shared prefix")
+    assert ("attention_mask" in batch) == (mode != "packed")
     trainer.model.eval()
-    with torch.no_grad():
-        ours = trainer.compute_loss(trainer.model, dict(batch))
-        reference = full_logits_loss(trainer.model, batch)
+    ours = trainer.compute_loss(trainer.model, dict(batch))
+    ours.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.model.zero_grad()
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    plain = DataCollatorForLanguageModeling(pad_token_id=trainer.processing_class.pad_token_id)(samples)
+    reference = full_logits_loss(trainer.model, plain)
+    reference.backward()
     assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert grads and all(torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-7)
+                         for n, p in trainer.model.named_parameters() if p.grad is not None)
+
+
+def test_shared_prefix_stops_before_the_first_answer_token(tokenizer):
+    from ironman_nb.train import SharedPrefixCollator
+
+    rows = [{"input_ids": [5, 6, 7, 8, 9, 10], "labels": [-100, -100, -100, -100, 9, 10]},
+            {"input_ids": [5, 6, 7, 8, 11], "labels": [-100, -100, -100, -100, 11]}]
+    batch = SharedPrefixCollator(pad_token_id=0, min_prefix=1)(rows)
+    assert batch["prefix_ids"].tolist() == [5, 6, 7]  # token 8 predicts the first answer token, so it stays
+    assert batch["input_ids"].tolist() == [[8, 9, 10], [8, 11, 0]]
+    assert batch["labels"].tolist() == [[-100, 9, 10], [-100, 11, -100]]
+    assert "prefix_ids" not in SharedPrefixCollator(pad_token_id=0)(rows)  # shorter than min_prefix
 
 
 def test_packed_samples_stay_isolated(tmp_path, tiny_model_dir):
     """A sample's loss is the same alone and packed with others (attention stays inside each sample)."""
     import torch
 
-    setup = build_trainer(tiny_cfg(tmp_path, tiny_model_dir, padding_free="on"))
+    setup = build_trainer(tiny_cfg(tmp_path, tiny_model_dir, padding_free="on", shared_prefix="off"))
     trainer = setup.trainer
     trainer.model.eval()
     samples = [trainer.train_dataset[i] for i in range(3)]
@@ -63,9 +93,16 @@ def test_packed_samples_stay_isolated(tmp_path, tiny_model_dir):
 
 def test_cpu_fast_path():
     fast = choose_fast_path(TrainConfig(), "cpu")
-    assert (fast.precision, fast.gradient_checkpointing, fast.padding_free, fast.attn_implementation) == ("fp32", False, True, "sdpa")
+    assert (fast.precision, fast.gradient_checkpointing, fast.shared_prefix, fast.padding_free, fast.attn_implementation) == (
+        "fp32", False, True, False, "sdpa")
+    packed = choose_fast_path(TrainConfig(per_device_train_batch_size=1), "cpu")
+    assert (packed.shared_prefix, packed.padding_free) == (False, True)
     forced = choose_fast_path(TrainConfig(precision="bf16", gradient_checkpointing="on", padding_free="off"), "cpu")
-    assert (forced.precision, forced.gradient_checkpointing, forced.padding_free) == ("bf16", True, False)
+    assert (forced.precision, forced.gradient_checkpointing, forced.shared_prefix, forced.padding_free) == ("bf16", True, False, False)
+    from ironman_nb.config import ConfigError
+
+    with pytest.raises(ConfigError, match="shared_prefix"):
+        choose_fast_path(TrainConfig(shared_prefix="on", padding_free="on"), "cpu")
 
 
 def test_train_writes_adapter_state_and_config(tmp_path, tiny_model_dir):
@@ -80,7 +117,7 @@ def test_train_writes_adapter_state_and_config(tmp_path, tiny_model_dir):
     evals = [h for h in history if "eval_loss" in h]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 4
     run_config = json.loads((out / "run_config.json").read_text())
-    assert run_config["resolved"]["precision"] == "fp32" and run_config["resolved"]["padding_free"] is True
+    assert run_config["resolved"]["precision"] == "fp32" and run_config["resolved"]["shared_prefix"] is True
     assert run_config["resolved"]["end_of_turn_token"] == "<|im_end|>"
     assert run_config["result"]["global_step"] == 4
     assert run_config["result"]["eval_loss_after"] < run_config["result"]["eval_loss_before"]

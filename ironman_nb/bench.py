@@ -1,0 +1,301 @@
+"""Speed benchmarks, measured side by side in one process.
+
+    python -m ironman_nb.bench train    [--model embedded|qwen2-7b|llama3-8b|PATH] [--steps N] ...
+    python -m ironman_nb.bench generate [--model ...] [--prompts N] [--new-tokens N] [--batch N]
+
+`train` runs the project's training path and a baseline that is exactly TRL's `SFTConfig` defaults
+(same model, data, LoRA, batch and steps; on a CPU without native bf16 the baseline uses fp32 instead of
+TRL's default bf16, which ran ~100x slower there), alternating, each after warm-up steps. It prints one
+JSON line per run and a final line with `ratio` = project tokens/s ÷ baseline tokens/s. Tokens are real
+tokens (padding not counted). The data is the shipped persona set with its system prompt, as users train it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from .config import DEFAULT_SYSTEM_PROMPT, EMBEDDED_MODEL, TrainConfig
+from .data import chat_messages, read_sheet
+from .train import SharedPrefixCollator, build_trainer, lora_config
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DATA = PROJECT_ROOT / "data" / "ironman_ko.csv"
+PROMPTS = PROJECT_ROOT / "data" / "eval_prompts.jsonl"
+
+# Random-weight shapes of the models the recipe fine-tuned (weights may be unavailable; speed needs none).
+SHAPES = {
+    "qwen2-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                     rope_theta=1e6, tie_word_embeddings=False, rms_norm_eps=1e-6),
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                      rope_theta=5e5, tie_word_embeddings=False, rms_norm_eps=1e-5),
+}
+
+
+def load_bench_model(name: str, device: str, precision: str):
+    """(model, tokenizer): a Hub id / folder / the embedded model, or a random-weight shape from SHAPES.
+
+    Random shapes reuse the embedded tokenizer (its ids are a subset of their vocabularies)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import load_model, load_tokenizer, torch_dtype
+
+    if name not in SHAPES:
+        return load_model(name, precision, device), load_tokenizer(name)
+    tokenizer = load_tokenizer(EMBEDDED_MODEL)
+    shape = dict(SHAPES[name])
+    config = AutoConfig.for_model(shape.pop("model_type"), **shape, pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(precision), attn_implementation="sdpa")
+    return model, tokenizer
+
+
+def bench_records(samples: int) -> list[dict]:
+    table = read_sheet(str(DATA))
+    rows = [r for r in table.rows if r.get("instruction") and r.get("output")]
+    rows = (rows * (samples // len(rows) + 1))[:samples]
+    return [{"messages": chat_messages({"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]},
+                                       DEFAULT_SYSTEM_PROMPT)} for r in rows]
+
+
+class _PeakRSS:
+    """Peak resident memory of this process while running (CPU runs; CUDA uses the allocator's peak)."""
+
+    def __init__(self):
+        import psutil
+
+        self.process, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.05)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join()
+
+
+def _step_timer(warmup: int, device: str):
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Wall time and real tokens of the optimizer steps after the warm-up."""
+
+        def __init__(self):
+            self.trainer = None
+            self.start_time = self.start_tokens = None
+            self.end_time = self.end_tokens = None
+
+        def _now(self):
+            if device == "cuda":
+                import torch
+
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == warmup:
+                self.start_time, self.start_tokens = self._now(), self.trainer.real_tokens_seen
+            elif state.global_step > warmup:
+                self.end_time, self.end_tokens = self._now(), self.trainer.real_tokens_seen
+
+    return StepTimer()
+
+
+def _counting_baseline_class():
+    from trl import SFTTrainer
+
+    class BaselineSFTTrainer(SFTTrainer):
+        """TRL's SFTTrainer unchanged, except that it counts the real tokens it trains on."""
+
+        real_tokens_seen = 0
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if model.training:
+                mask = inputs.get("attention_mask")
+                self.real_tokens_seen += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    return BaselineSFTTrainer
+
+
+@dataclasses.dataclass
+class BenchArgs:
+    model: str = EMBEDDED_MODEL
+    steps: int = 4
+    warmup: int = 1
+    batch: int = 4
+    accum: int = 1
+    rounds: int = 2
+    max_length: int = 1024
+    lora_r: int = 8
+
+
+def _run_once(kind: str, args: BenchArgs, device: str, precision: str, records: list[dict], n_params: list) -> dict:
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig
+
+
+    model, tokenizer = load_bench_model(args.model, device, precision)
+    n_params[:] = [sum(p.numel() for p in model.parameters())]
+    total_steps = args.warmup + args.steps
+    timer = _step_timer(args.warmup, device)
+    cfg = TrainConfig(base_model=args.model if args.model not in SHAPES else EMBEDDED_MODEL, max_steps=total_steps,
+                      per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.accum,
+                      lora_r=args.lora_r, lora_alpha=2 * args.lora_r, max_length=args.max_length, logging_steps=1,
+                      save_steps=10**6, eval_steps=0, warmup_ratio=0.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        if kind == "project":
+            cfg = dataclasses.replace(cfg, output_dir=str(Path(tmp) / "adapter"))
+            trainer = build_trainer(cfg, model=model, tokenizer=tokenizer, records=(records, []),
+                                    extra_callbacks=[timer]).trainer
+        else:
+            # Exactly TRL's defaults but for precision on a CPU: same LoRA, batch, steps and data.
+            dataset = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in records])
+            sft_args = SFTConfig(output_dir=tmp, max_steps=total_steps, per_device_train_batch_size=args.batch,
+                                 gradient_accumulation_steps=args.accum, logging_steps=1, save_strategy="no",
+                                 report_to="none", max_length=args.max_length,
+                                 **({} if device == "cuda" else {"bf16": False, "use_cpu": True}))
+            trainer = _counting_baseline_class()(model=model, args=sft_args, train_dataset=dataset,
+                                                 processing_class=tokenizer, peft_config=lora_config(cfg),
+                                                 callbacks=[timer])
+        timer.trainer = trainer
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with _PeakRSS() as rss:
+            trainer.train()
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak
+    seconds = timer.end_time - timer.start_time
+    tokens = timer.end_tokens - timer.start_tokens
+    result = {"config": kind, "model": args.model, "device": device, "precision": precision,
+              "tokens_per_s": round(tokens / seconds, 1), "tokens": tokens, "seconds": round(seconds, 2),
+              "steps_timed": args.steps, "peak_memory_gib": round(peak / 2**30, 2)}
+    result["fast_path"] = {"gradient_checkpointing": trainer.args.activation_checkpointing,
+                           "padding_free": trainer.args.padding_free,
+                           "shared_prefix": isinstance(trainer.data_collator, SharedPrefixCollator)}
+    del trainer, model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def matmul_tflops(device: str) -> float | None:
+    """Measured dense bf16 matmul rate of this GPU, the denominator of the 4·N limit."""
+    if device != "cuda":
+        return None
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, runs = time.perf_counter(), 20
+    for _ in range(runs):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * runs / (time.perf_counter() - start) / 1e12
+
+
+def bench_train(args: BenchArgs, emit=print) -> dict:
+    from .models import resolve_device, resolve_precision
+
+    device = resolve_device()
+    precision = resolve_precision("auto", device)
+    records = bench_records(args.batch * args.accum * (args.warmup + args.steps))
+    n_params: list = []
+    runs = {"baseline": [], "project": []}
+    for round_index in range(args.rounds):
+        for kind in ("baseline", "project"):
+            result = {**_run_once(kind, args, device, precision, records, n_params), "round": round_index}
+            runs[kind].append(result)
+            emit(json.dumps(result, ensure_ascii=False))
+    speed = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
+    summary = {
+        "summary": "train", "model": args.model, "device": device, "parameters": n_params[0],
+        "baseline_tokens_per_s": speed["baseline"], "project_tokens_per_s": speed["project"],
+        "ratio": round(speed["project"] / speed["baseline"], 2),
+        "baseline_peak_memory_gib": max(r["peak_memory_gib"] for r in runs["baseline"]),
+        "project_peak_memory_gib": max(r["peak_memory_gib"] for r in runs["project"]),
+    }
+    peak = matmul_tflops(device)
+    if peak:
+        limit = peak * 1e12 / (4 * n_params[0])
+        summary.update(matmul_tflops=round(peak, 1), limit_tokens_per_s=round(limit),
+                       baseline_fraction_of_4N=round(speed["baseline"] / limit, 3),
+                       project_fraction_of_4N=round(speed["project"] / limit, 3))
+    emit(json.dumps(summary))
+    return summary
+
+
+def bench_generate(model_name: str = EMBEDDED_MODEL, prompts: int = 8, new_tokens: int = 64, batch: int = 8,
+                   emit=print) -> dict:
+    """The comparison notebook's batched generation vs one prompt at a time: same prompts, same outputs."""
+    from .compare import generate_answers
+    from .io import read_jsonl
+    from .models import resolve_device, resolve_precision
+
+    device = resolve_device()
+    model, tokenizer = load_bench_model(model_name, device, resolve_precision("auto", device))
+    model.eval()
+    texts = [r["prompt"] for r in read_jsonl(PROMPTS)][:prompts]
+    generate_answers(model, tokenizer, texts[:1], DEFAULT_SYSTEM_PROMPT, 4, 1)  # warm-up
+    timings, outputs = {}, {}
+    for kind, size in (("one_at_a_time", 1), ("batched", batch), ("one_at_a_time", 1), ("batched", batch)):
+        start = time.perf_counter()
+        outputs[kind] = generate_answers(model, tokenizer, texts, DEFAULT_SYSTEM_PROMPT, new_tokens, size)
+        timings.setdefault(kind, []).append(time.perf_counter() - start)
+    new = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) + int(ended) for text, ended in outputs["batched"])
+    result = {"summary": "generate", "model": model_name, "device": device, "prompts": len(texts),
+              "max_new_tokens": new_tokens, "batch": batch, "same_outputs": outputs["batched"] == outputs["one_at_a_time"]}
+    for kind, values in timings.items():
+        result[f"{kind}_new_tokens_per_s"] = round(new / min(values), 1)
+    result["ratio"] = round(min(timings["one_at_a_time"]) / min(timings["batched"]), 2)
+    emit(json.dumps(result, ensure_ascii=False))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ironman_nb.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train_p = sub.add_parser("train", help="project training path vs TRL SFTConfig defaults")
+    train_p.add_argument("--model", default=EMBEDDED_MODEL, help=f"Hub id, folder, embedded, or a shape: {', '.join(SHAPES)}")
+    for name, default in (("steps", 4), ("warmup", 1), ("batch", 4), ("accum", 1), ("rounds", 2), ("max-length", 1024),
+                          ("lora-r", 8)):
+        train_p.add_argument(f"--{name}", type=int, default=default)
+    gen_p = sub.add_parser("generate", help="batched generation vs one prompt at a time")
+    gen_p.add_argument("--model", default=EMBEDDED_MODEL)
+    gen_p.add_argument("--prompts", type=int, default=8)
+    gen_p.add_argument("--new-tokens", type=int, default=64)
+    gen_p.add_argument("--batch", type=int, default=8)
+    ns = parser.parse_args(argv)
+    if ns.command == "train":
+        bench_train(BenchArgs(ns.model, ns.steps, ns.warmup, ns.batch, ns.accum, ns.rounds, ns.max_length, ns.lora_r))
+    else:
+        bench_generate(ns.model, ns.prompts, ns.new_tokens, ns.batch)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
