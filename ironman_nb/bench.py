@@ -41,10 +41,10 @@ SHAPES = {
 }
 
 
-def load_bench_model(name: str, device: str, precision: str):
+def load_bench_model(name: str, device: str, precision: str, tokenizer_name: str = EMBEDDED_MODEL):
     """(model, tokenizer): a Hub id / folder / the embedded model, or a random-weight shape from SHAPES.
 
-    Random shapes reuse the embedded tokenizer (its ids are a subset of their vocabularies)."""
+    Random shapes use `tokenizer_name` (default: the embedded model's; its ids fit their vocabularies)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -52,7 +52,7 @@ def load_bench_model(name: str, device: str, precision: str):
 
     if name not in SHAPES:
         return load_model(name, precision, device), load_tokenizer(name)
-    tokenizer = load_tokenizer(EMBEDDED_MODEL)
+    tokenizer = load_tokenizer(tokenizer_name)
     shape = dict(SHAPES[name])
     config = AutoConfig.for_model(shape.pop("model_type"), **shape, pad_token_id=tokenizer.pad_token_id,
                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -147,6 +147,7 @@ class BenchArgs:
     rounds: int = 2
     max_length: int = 1024
     lora_r: int = 8
+    tokenizer: str = EMBEDDED_MODEL
 
 
 def _run_once(kind: str, args: BenchArgs, device: str, precision: str, records: list[dict], n_params: list) -> dict:
@@ -155,7 +156,7 @@ def _run_once(kind: str, args: BenchArgs, device: str, precision: str, records: 
     from trl import SFTConfig
 
 
-    model, tokenizer = load_bench_model(args.model, device, precision)
+    model, tokenizer = load_bench_model(args.model, device, precision, args.tokenizer)
     n_params[:] = [sum(p.numel() for p in model.parameters())]
     total_steps = args.warmup + args.steps
     timer = _step_timer(args.warmup, device)
@@ -249,14 +250,14 @@ def bench_train(args: BenchArgs, emit=print) -> dict:
 
 
 def bench_generate(model_name: str = EMBEDDED_MODEL, prompts: int = 8, new_tokens: int = 64, batch: int = 8,
-                   emit=print) -> dict:
+                   emit=print, tokenizer_name: str = EMBEDDED_MODEL) -> dict:
     """The comparison notebook's batched generation vs one prompt at a time: same prompts, same outputs."""
     from .compare import generate_answers
     from .io import read_jsonl
     from .models import resolve_device, resolve_precision
 
     device = resolve_device()
-    model, tokenizer = load_bench_model(model_name, device, resolve_precision("auto", device))
+    model, tokenizer = load_bench_model(model_name, device, resolve_precision("auto", device), tokenizer_name)
     model.eval()
     texts = [r["prompt"] for r in read_jsonl(PROMPTS)][:prompts]
     generate_answers(model, tokenizer, texts[:1], DEFAULT_SYSTEM_PROMPT, 4, 1)  # warm-up
@@ -284,16 +285,19 @@ def main(argv: list[str] | None = None) -> int:
     for name, default in (("steps", 4), ("warmup", 1), ("batch", 4), ("accum", 1), ("rounds", 2), ("max-length", 1024),
                           ("lora-r", 8)):
         train_p.add_argument(f"--{name}", type=int, default=default)
+    train_p.add_argument("--tokenizer", default=EMBEDDED_MODEL, help="tokenizer for a random-weight shape")
     gen_p = sub.add_parser("generate", help="batched generation vs one prompt at a time")
     gen_p.add_argument("--model", default=EMBEDDED_MODEL)
     gen_p.add_argument("--prompts", type=int, default=8)
     gen_p.add_argument("--new-tokens", type=int, default=64)
     gen_p.add_argument("--batch", type=int, default=8)
+    gen_p.add_argument("--tokenizer", default=EMBEDDED_MODEL, help="tokenizer for a random-weight shape")
     ns = parser.parse_args(argv)
     if ns.command == "train":
-        bench_train(BenchArgs(ns.model, ns.steps, ns.warmup, ns.batch, ns.accum, ns.rounds, ns.max_length, ns.lora_r))
+        bench_train(BenchArgs(ns.model, ns.steps, ns.warmup, ns.batch, ns.accum, ns.rounds, ns.max_length, ns.lora_r,
+                              ns.tokenizer))
     else:
-        bench_generate(ns.model, ns.prompts, ns.new_tokens, ns.batch)
+        bench_generate(ns.model, ns.prompts, ns.new_tokens, ns.batch, tokenizer_name=ns.tokenizer)
     return 0
 
 

@@ -189,7 +189,7 @@ class TrainConfig(StageConfig):
     gradient_accumulation_steps: int = 4
     lora_r: int = 8
     lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     lora_target: str = "all-linear"
     max_length: int = 1024
     max_train_samples: int = 0
