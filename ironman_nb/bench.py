@@ -276,6 +276,32 @@ def bench_generate(model_name: str = EMBEDDED_MODEL, prompts: int = 8, new_token
     return result
 
 
+def bench_prepare(rows: int = 100_000, emit=print) -> dict:
+    """Notebook 01 on a large sheet: the shipped rows repeated (each question made unique) to `rows`."""
+    import csv
+
+    from .config import PrepareConfig
+    from .data import prepare
+
+    source = read_sheet(str(DATA)).rows
+    with tempfile.TemporaryDirectory() as tmp:
+        sheet = Path(tmp) / "big.csv"
+        with sheet.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["instruction", "input", "output", "category"])
+            for i in range(rows):
+                row = source[i % len(source)]
+                writer.writerow([f"{row['instruction']} ({i})", row.get("input", ""), row["output"], row.get("category", "")])
+        start = time.perf_counter()
+        with _PeakRSS() as rss:
+            result = prepare(PrepareConfig(input_path=str(sheet), output_dir=str(Path(tmp) / "out")))
+        seconds = time.perf_counter() - start
+    summary = {"summary": "prepare", "rows": rows, "rows_kept": result.report["rows_kept"], "seconds": round(seconds, 1),
+               "rows_per_s": round(rows / seconds), "peak_rss_gib": round(rss.peak / 2**30, 2)}
+    emit(json.dumps(summary))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ironman_nb.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -292,8 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     gen_p.add_argument("--new-tokens", type=int, default=64)
     gen_p.add_argument("--batch", type=int, default=8)
     gen_p.add_argument("--tokenizer", default=EMBEDDED_MODEL, help="tokenizer for a random-weight shape")
+    prep_p = sub.add_parser("prepare", help="notebook 01 on a large generated sheet")
+    prep_p.add_argument("--rows", type=int, default=100_000)
     ns = parser.parse_args(argv)
-    if ns.command == "train":
+    if ns.command == "prepare":
+        bench_prepare(ns.rows)
+    elif ns.command == "train":
         bench_train(BenchArgs(ns.model, ns.steps, ns.warmup, ns.batch, ns.accum, ns.rounds, ns.max_length, ns.lora_r,
                               ns.tokenizer))
     else:

@@ -204,6 +204,14 @@ class TrainConfig(StageConfig):
     shared_prefix: str = "auto"
     seed: int = 42
     resume: str = "auto"
+    launcher: str = "none"
+    num_processes: int = 1
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str = ""
+    main_process_port: int = 29500
+    deepspeed_config: str = "../configs/ds_zero3.json"
+    accelerate_config: str = ""
 
     choices: ClassVar[Mapping[str, tuple]] = {
         "lr_scheduler_type": ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts"),
@@ -211,6 +219,7 @@ class TrainConfig(StageConfig):
         "gradient_checkpointing": ("auto", "on", "off"),
         "padding_free": ("auto", "on", "off"),
         "shared_prefix": ("auto", "on", "off"),
+        "launcher": ("none", "accelerate", "deepspeed"),
     }
 
     def range_problems(self):
@@ -232,6 +241,15 @@ class TrainConfig(StageConfig):
         for name in ("max_train_samples", "max_eval_samples", "eval_steps", "save_total_limit"):
             if getattr(self, name) < 0:
                 problems.append((name, f"must be >= 0 (got {getattr(self, name)})"))
+        problems += _positive(self, "num_processes", "num_machines")
+        if not 0 <= self.machine_rank < max(self.num_machines, 1):
+            problems.append(("machine_rank", f"must be in [0, num_machines) (got {self.machine_rank})"))
+        if not 1 <= self.main_process_port <= 65535:
+            problems.append(("main_process_port", f"must be a TCP port 1-65535 (got {self.main_process_port})"))
+        if self.num_machines > 1 and not self.main_process_ip.strip():
+            problems.append(("main_process_ip", "is required with num_machines > 1: the address of machine_rank 0"))
+        if self.launcher == "none" and (self.num_processes > 1 or self.num_machines > 1):
+            problems.append(("launcher", "several processes or machines need launcher 'accelerate' or 'deepspeed'"))
         return problems
 
 

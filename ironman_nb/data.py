@@ -258,10 +258,13 @@ def chat_messages(record: dict, system_prompt: str) -> list[dict]:
     ]
 
 
-def render_lengths(tokenizer, conversations: list[list[dict]]) -> list[int]:
-    texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in conversations]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [len(ids) for ids in encoded]
+def render_lengths(tokenizer, conversations: list[list[dict]], chunk: int = 1024) -> list[int]:
+    """Token count of each conversation after the chat template, in chunks (memory stays per chunk)."""
+    lengths = []
+    for start in range(0, len(conversations), chunk):
+        texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in conversations[start:start + chunk]]
+        lengths += [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return lengths
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | None = None) -> dict[str, list[int]]:

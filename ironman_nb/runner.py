@@ -58,7 +58,8 @@ STAGES: tuple[Stage, ...] = (
 
 # Parameters holding a path: a relative value given on the command line or in a params file is taken
 # relative to where the runner was started, not to notebooks/ where the kernels run.
-PATH_PARAMS = ("input_path", "data_dir", "output_dir", "trainer_state", "adapter_dir", "model_dir", "prompts_path", "eval_data")
+PATH_PARAMS = ("input_path", "data_dir", "output_dir", "trainer_state", "adapter_dir", "model_dir", "prompts_path", "eval_data",
+               "deepspeed_config", "accelerate_config")
 
 
 def notebook_parameters(path: Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 from .config import ConfigError, TrainConfig
 from .data import DataError, load_chat_records, tokenize_conversation
 from .io import atomic_write_json, read_json
+from .launch import launched, run_launched
 from .models import (
     attention_implementation,
     end_of_turn_token,
@@ -49,7 +50,7 @@ class FastPath:
     attn_implementation: str
 
 
-def choose_fast_path(cfg: TrainConfig, device: str, n_parameters: int | None = None) -> FastPath:
+def choose_fast_path(cfg: TrainConfig, device: str, n_parameters: int | None = None, world_size: int = 1) -> FastPath:
     precision = resolve_precision(cfg.precision, device)
     if cfg.gradient_checkpointing == "auto":
         # Checkpointing costs ~1/3 more compute; pay it only when the frozen weights alone take over a third of the card.
@@ -66,7 +67,9 @@ def choose_fast_path(cfg: TrainConfig, device: str, n_parameters: int | None = N
     # The shared system-turn prefix needs padded rows and a KV cache (no checkpointing); with the persona
     # prompt at ~45 % of each sample it saves more than packing does.
     if cfg.shared_prefix == "auto":
-        shared_prefix = not checkpointing and cfg.per_device_train_batch_size >= 2 and cfg.padding_free != "on"
+        # Two forward calls per backward (prefix, then samples) are not for DDP / ZeRO gradient hooks.
+        shared_prefix = (not checkpointing and cfg.per_device_train_batch_size >= 2 and cfg.padding_free != "on"
+                         and world_size == 1)
     else:
         shared_prefix = cfg.shared_prefix == "on"
     if cfg.padding_free == "auto":
@@ -258,7 +261,7 @@ def _progress_log_callback():
             elapsed = time.perf_counter() - self.started
             eta = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
             values = " ".join(f"{k} {logs[k]:.4g}" for k in ("loss", "eval_loss", "grad_norm", "learning_rate") if k in logs)
-            if values:
+            if values and state.is_world_process_zero:
                 print(f"[train] step {state.global_step}/{state.max_steps} {values} | {elapsed:.0f} s, ETA {eta:.0f} s", flush=True)
 
     return ProgressLog()
@@ -367,6 +370,7 @@ def sft_config(cfg: TrainConfig, fast: FastPath, checkpoint_dir: Path, do_eval: 
         seed=cfg.seed,
         data_seed=cfg.seed,
         use_cpu=fast.device == "cpu",
+        deepspeed=cfg.deepspeed_config if cfg.launcher == "deepspeed" and launched() else None,
         report_to="none",
         dataloader_num_workers=0,
     )
@@ -396,7 +400,8 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     device = resolve_device()
     if model is None:
         model = load_model(cfg.base_model, resolve_precision(cfg.precision, device), device)
-    fast = choose_fast_path(cfg, device, sum(p.numel() for p in model.parameters()))
+    fast = choose_fast_path(cfg, device, sum(p.numel() for p in model.parameters()),
+                            int(os.environ.get("WORLD_SIZE", "1")))
     log.info("fast path: %s", fast)
     checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
     stop_on_nonfinite = _nonfinite_stop_callback()
@@ -416,6 +421,9 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    """Train in this process, or — with a launcher — in processes started by accelerate or deepspeed."""
+    if cfg.launcher != "none" and not launched():
+        return run_launched(cfg, resolve_precision(cfg.precision, resolve_device()))
     setup = build_trainer(cfg)
     trainer, fast, checkpoint_dir = setup.trainer, setup.fast, setup.checkpoint_dir
     stop_on_nonfinite, train_records = setup.stop_on_nonfinite, setup.train_records
@@ -431,8 +439,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         error = (f"training stopped: non-finite value {stop_on_nonfinite.bad}; the last good checkpoint in "
                  f"{checkpoint_dir} is kept. Lower learning_rate, or use precision='fp32' / 'bf16' instead of fp16.")
         # Marks the run failed: merge and upload refuse it (the runner also records it in status.json).
-        atomic_write_json(output_dir / "run_config.json", {"config": cfg.to_dict(), "failed": True, "error": error,
-                                                          "result": {"global_step": trainer.state.global_step}})
+        if trainer.is_world_process_zero():
+            atomic_write_json(output_dir / "run_config.json", {"config": cfg.to_dict(), "failed": True, "error": error,
+                                                              "result": {"global_step": trainer.state.global_step}})
         raise NonFiniteTrainingError(error)
     if setup.on_terminate.requested:
         raise TrainingInterrupted(
@@ -466,6 +475,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             "eval_loss_after": eval_losses[-1] if len(eval_losses) > 1 else None,
             "train_runtime_s": round(runtime, 1),
             "tokens_per_second": round(trainer.real_tokens_seen / runtime, 1) if runtime > 0 else None,
+            "peak_gpu_memory_gib": _peak_gpu_memory_gib(),
         },
     }
     _save_final(trainer, output_dir, cfg, run_config)
@@ -491,25 +501,38 @@ def _sigterm_sets(callback):
 
 
 def _save_final(trainer, output_dir: Path, cfg: TrainConfig, run_config: dict) -> None:
-    """Adapter, tokenizer, trainer state and run config, each moved into place only when complete."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    """Adapter, tokenizer, trainer state and run config, each moved into place only when complete.
+
+    Every process takes part in saving (ZeRO-3 gathers the weights); only the main process writes files."""
+    main = trainer.is_world_process_zero()
     staging = output_dir / ".final.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))
-    adapter_config = staging / "adapter_config.json"
-    if adapter_config.is_file():
-        # Name the Hub id as the base, so the adapter works anywhere (the embedded model's cache path would not).
-        meta = json.loads(adapter_config.read_text())
-        meta["base_model_name_or_path"] = hub_id(cfg.base_model)
-        adapter_config.write_text(json.dumps(meta, indent=2))
-    trainer.state.save_to_json(str(staging / "trainer_state.json"))
-    for item in sorted(staging.iterdir()):
-        target = output_dir / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(item, target)
-    staging.rmdir()
-    atomic_write_json(output_dir / "run_config.json", run_config)
+    if main:
+        adapter_config = staging / "adapter_config.json"
+        if adapter_config.is_file():
+            # Name the Hub id as the base, so the adapter works anywhere (the embedded model's cache path would not).
+            meta = json.loads(adapter_config.read_text())
+            meta["base_model_name_or_path"] = hub_id(cfg.base_model)
+            adapter_config.write_text(json.dumps(meta, indent=2))
+        trainer.state.save_to_json(str(staging / "trainer_state.json"))
+        for item in sorted(staging.iterdir()):
+            target = output_dir / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        staging.rmdir()
+        atomic_write_json(output_dir / "run_config.json", run_config)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _peak_gpu_memory_gib() -> float | None:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
 
 
 def _versions() -> dict[str, str]:

@@ -1,0 +1,98 @@
+"""Training beyond one process: `accelerate launch` or the `deepspeed` launcher, started from notebook 02.
+
+Training inside a Jupyter kernel cannot span several GPUs with DeepSpeed, so the notebook writes the
+resolved config, starts `python -m ironman_nb.train --config …` under the launcher as a subprocess, streams
+its log into the notebook, and fails the cell with the launcher's exit code and the tail of its log.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from .config import TrainConfig
+from .io import atomic_write_json, read_json
+
+# Set in the launched processes, so `train` runs there instead of launching again.
+LAUNCHED_ENV = "IRONMAN_NB_LAUNCHED"
+LOG_TAIL_LINES = 40
+ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Failed)\b[\w.]*: ")
+
+
+class LaunchFailed(RuntimeError):
+    pass
+
+
+def launched() -> bool:
+    """True inside a process started by a launcher: ours, or `deepspeed` / `accelerate launch` / torchrun from a shell."""
+    return os.environ.get(LAUNCHED_ENV) == "1" or "LOCAL_RANK" in os.environ
+
+
+def launch_command(cfg: TrainConfig, config_path: Path, precision: str) -> list[str]:
+    """The launcher's command line for `python -m ironman_nb.train --config config_path`."""
+    entry = ["ironman_nb.train", "--config", str(config_path)]
+    if cfg.launcher == "accelerate":
+        command = [sys.executable, "-m", "accelerate.commands.launch",
+                   "--num_processes", str(cfg.num_processes * cfg.num_machines),
+                   "--num_machines", str(cfg.num_machines), "--machine_rank", str(cfg.machine_rank),
+                   "--main_process_port", str(cfg.main_process_port),
+                   "--mixed_precision", {"bf16": "bf16", "fp16": "fp16"}.get(precision, "no"),
+                   "--dynamo_backend", "no"]
+        if cfg.num_machines > 1:
+            command += ["--main_process_ip", cfg.main_process_ip]
+        if cfg.accelerate_config:
+            command += ["--config_file", str(Path(cfg.accelerate_config).resolve())]
+        elif cfg.num_processes * cfg.num_machines > 1:
+            command += ["--multi_gpu"]  # torchrun-style processes; on a CPU they join over gloo
+        return command + ["-m"] + entry
+    if cfg.launcher == "deepspeed":
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(cfg.num_processes),
+                   "--master_port", str(cfg.main_process_port)]
+        if cfg.num_machines > 1:
+            # One launch per machine, each given its rank (no ssh hostfile needed).
+            command += ["--no_ssh", "--num_nodes", str(cfg.num_machines), "--node_rank", str(cfg.machine_rank),
+                        "--master_addr", cfg.main_process_ip]
+        return command + ["--module"] + entry
+    raise ValueError(f"launcher {cfg.launcher!r}: nothing to launch")
+
+
+def run_launched(cfg: TrainConfig, precision: str, echo=print):
+    """Run training under the launcher; stream its output; return the TrainResult it wrote."""
+    from .train import TrainResult
+
+    output_dir = Path(cfg.output_dir)
+    resolved = dataclasses.replace(
+        cfg,
+        data_dir=str(Path(cfg.data_dir).resolve()),
+        output_dir=str(output_dir.resolve()),
+        deepspeed_config=str(Path(cfg.deepspeed_config).resolve()) if cfg.launcher == "deepspeed" else cfg.deepspeed_config,
+        base_model=str(Path(cfg.base_model).resolve()) if Path(cfg.base_model).is_dir() else cfg.base_model,
+    )
+    if cfg.launcher == "deepspeed" and not Path(resolved.deepspeed_config).is_file():
+        raise FileNotFoundError(f"deepspeed_config {cfg.deepspeed_config!r} not found (shipped: configs/ds_zero2.json, configs/ds_zero3.json)")
+    config_path = atomic_write_json(output_dir / "launch_config.json", resolved.to_dict())
+    command = launch_command(resolved, config_path, precision)
+    echo(f"[launch] {' '.join(command)}")
+    env = {**os.environ, LAUNCHED_ENV: "1", "PYTHONUNBUFFERED": "1"}
+    tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+    errors: list[str] = []  # the exception lines of the processes' tracebacks: the cause, above the launcher's noise
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          cwd=Path(__file__).resolve().parent.parent) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            tail.append(line.rstrip("\n"))
+            if ERROR_LINE.match(line) and line.strip() not in errors:
+                errors.append(line.strip())
+            if not line.startswith(("{'", "  0%")) and "it/s]" not in line:
+                echo(line.rstrip("\n"))
+        code = process.wait()
+    if code != 0:
+        cause = f"\ncause: {errors[0]}" if errors else ""
+        raise LaunchFailed(f"{cfg.launcher} exited with code {code}{cause}\nlast lines of its log:\n" + "\n".join(tail))
+    run_config = read_json(output_dir / "run_config.json", "run_config.json")
+    history = read_json(output_dir / "trainer_state.json", "trainer_state.json")["log_history"]
+    return TrainResult(output_dir, run_config, history)

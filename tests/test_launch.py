@@ -1,0 +1,98 @@
+"""Beyond one process: launcher command lines, DeepSpeed configs, and a real 2-process accelerate run on CPU."""
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import ROOT, write_chat_data
+from ironman_nb.config import ConfigError, MergeConfig, TrainConfig
+from ironman_nb.launch import launch_command
+
+
+def test_accelerate_command_line():
+    cfg = TrainConfig(launcher="accelerate", num_processes=2)
+    command = launch_command(cfg, Path("/run/launch_config.json"), "bf16")
+    assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    text = " ".join(command)
+    assert "--num_processes 2 --num_machines 1 --machine_rank 0 --main_process_port 29500 --mixed_precision bf16" in text
+    assert "--multi_gpu" in command and "--main_process_ip" not in command
+    assert command[-4:] == ["-m", "ironman_nb.train", "--config", "/run/launch_config.json"]
+    two = launch_command(TrainConfig(launcher="accelerate", num_processes=8, num_machines=2, machine_rank=1,
+                                     main_process_ip="10.0.0.1", accelerate_config="configs/accelerate_fsdp.yaml"),
+                         Path("c.json"), "bf16")
+    text = " ".join(two)
+    assert "--num_processes 16 --num_machines 2 --machine_rank 1" in text and "--main_process_ip 10.0.0.1" in text
+    assert "--config_file " + str((Path("configs/accelerate_fsdp.yaml")).resolve()) in text and "--multi_gpu" not in two
+
+
+def test_deepspeed_command_line():
+    command = launch_command(TrainConfig(launcher="deepspeed", num_processes=2), Path("c.json"), "bf16")
+    assert command[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
+    assert " ".join(command[3:]) == "--num_gpus 2 --master_port 29500 --module ironman_nb.train --config c.json"
+    nodes = launch_command(TrainConfig(launcher="deepspeed", num_processes=4, num_machines=2, machine_rank=1,
+                                       main_process_ip="10.0.0.1", main_process_port=9901), Path("c.json"), "bf16")
+    assert "--no_ssh --num_nodes 2 --node_rank 1 --master_addr 10.0.0.1" in " ".join(nodes)
+
+
+def test_launcher_parameters_are_checked():
+    with pytest.raises(ConfigError, match="main_process_ip: is required with num_machines > 1"):
+        TrainConfig(launcher="deepspeed", num_machines=2)
+    with pytest.raises(ConfigError, match=r"machine_rank: must be in \[0, num_machines\)"):
+        TrainConfig(launcher="accelerate", num_machines=2, machine_rank=2, main_process_ip="h")
+    with pytest.raises(ConfigError, match="need launcher 'accelerate' or 'deepspeed'"):
+        TrainConfig(num_processes=2)
+    with pytest.raises(ConfigError, match="launcher: must be one of"):
+        TrainConfig(launcher="torchrun")
+
+
+@pytest.mark.parametrize("name", ["ds_zero2.json", "ds_zero3.json"])
+def test_deepspeed_configs_pass_deepspeeds_own_parser(name):
+    """HF fills the "auto" values from the training arguments; DeepSpeed's parser then validates the result."""
+    deepspeed = pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    path = ROOT / "configs" / name
+    hf = HfTrainerDeepSpeedConfig(str(path))
+    hf.trainer_config_process(TrainingArguments(output_dir="/tmp/ds", per_device_train_batch_size=4,
+                                                gradient_accumulation_steps=4, bf16=True, use_cpu=True))
+    hf.trainer_config_finalize(TrainingArguments(output_dir="/tmp/ds", per_device_train_batch_size=4,
+                                                 gradient_accumulation_steps=4, bf16=True, use_cpu=True),
+                               model=SimpleNamespace(config=SimpleNamespace(hidden_size=3584)), num_training_steps=10)
+    parsed = DeepSpeedConfig(hf.config)
+    assert parsed.zero_optimization_stage == int(name[7])
+    assert parsed.train_micro_batch_size_per_gpu == 4 and parsed.gradient_accumulation_steps == 4
+    assert parsed.bfloat16_config.enabled
+    if name == "ds_zero3.json":
+        assert parsed.zero_config.gather_16bit_weights_on_model_save is True  # the adapter is saved whole
+
+
+def test_two_process_accelerate_run_saves_one_adapter_that_merges(tmp_path, tiny_model_dir):
+    from ironman_nb.merge import merge
+    from ironman_nb.train import train
+
+    data = write_chat_data(tmp_path / "data", train_rows=16)
+    cfg = TrainConfig(base_model=str(tiny_model_dir), data_dir=str(data), output_dir=str(tmp_path / "adapter"),
+                      max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=1, learning_rate=5e-3,
+                      logging_steps=1, save_steps=100, eval_steps=0, max_length=512,
+                      launcher="accelerate", num_processes=2, main_process_port=29631)
+    result = train(cfg)
+    out = tmp_path / "adapter"
+    assert (out / "adapter_model.safetensors").is_file() and (out / "launch_config.json").is_file()
+    assert result.run_config["result"]["global_step"] == 3
+    assert result.run_config["resolved"]["shared_prefix"] is False  # two forwards per backward are not for DDP
+    assert not (out / ".final.tmp").exists()
+    merged = merge(MergeConfig(base_model=str(tiny_model_dir), adapter_dir=str(out), output_dir=str(tmp_path / "merged")))
+    assert "≤" in merged.checks["max |Δ logit| merged vs base+adapter"]
+
+
+def test_a_failing_launch_reports_code_and_log_tail(tmp_path, tiny_model_dir):
+    from ironman_nb.launch import LaunchFailed
+    from ironman_nb.train import train
+
+    cfg = TrainConfig(base_model=str(tiny_model_dir), data_dir=str(tmp_path / "no-data"), output_dir=str(tmp_path / "a"),
+                      launcher="accelerate", num_processes=2, main_process_port=29632)
+    with pytest.raises(LaunchFailed, match=r"accelerate exited with code [1-9]\d*\ncause: .*DataError: .*run notebooks/01_prepare_data"):
+        train(cfg)
