@@ -231,7 +231,7 @@ def bench_train(args: BenchArgs, emit=print) -> dict:
             result = {**_run_once(kind, args, device, precision, records, n_params), "round": round_index}
             runs[kind].append(result)
             emit(json.dumps(result, ensure_ascii=False))
-    speed = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in runs.items()}
+    speed = {k: round(statistics.median(r["tokens_per_s"] for r in v), 1) for k, v in runs.items()}
     summary = {
         "summary": "train", "model": args.model, "device": device, "parameters": n_params[0],
         "baseline_tokens_per_s": speed["baseline"], "project_tokens_per_s": speed["project"],
@@ -251,7 +251,7 @@ def bench_train(args: BenchArgs, emit=print) -> dict:
 
 def bench_generate(model_name: str = EMBEDDED_MODEL, prompts: int = 8, new_tokens: int = 64, batch: int = 8,
                    emit=print, tokenizer_name: str = EMBEDDED_MODEL) -> dict:
-    """The comparison notebook's batched generation vs one prompt at a time: same prompts, same outputs."""
+    """Notebook 05's generation path vs plain one-prompt-at-a-time `generate`: same prompts, same outputs."""
     from .compare import generate_answers
     from .io import read_jsonl
     from .models import resolve_device, resolve_precision
@@ -262,9 +262,10 @@ def bench_generate(model_name: str = EMBEDDED_MODEL, prompts: int = 8, new_token
     texts = [r["prompt"] for r in read_jsonl(PROMPTS)][:prompts]
     generate_answers(model, tokenizer, texts[:1], DEFAULT_SYSTEM_PROMPT, 4, 1)  # warm-up
     timings, outputs = {}, {}
-    for kind, size in (("one_at_a_time", 1), ("batched", batch), ("one_at_a_time", 1), ("batched", batch)):
+    # one_at_a_time: plain `generate`, one prompt per call. batched: notebook 05's path (batches + shared prefix).
+    for kind, size, share in (("one_at_a_time", 1, False), ("batched", batch, True)) * 2:
         start = time.perf_counter()
-        outputs[kind] = generate_answers(model, tokenizer, texts, DEFAULT_SYSTEM_PROMPT, new_tokens, size)
+        outputs[kind] = generate_answers(model, tokenizer, texts, DEFAULT_SYSTEM_PROMPT, new_tokens, size, share_prefix=share)
         timings.setdefault(kind, []).append(time.perf_counter() - start)
     new = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) + int(ended) for text, ended in outputs["batched"])
     result = {"summary": "generate", "model": model_name, "device": device, "prompts": len(texts),

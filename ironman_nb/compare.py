@@ -64,34 +64,55 @@ def summarise(stats: list[dict]) -> dict:
 
 
 def generate_answers(model, tokenizer, prompts: list[str], system_prompt: str, max_new_tokens: int,
-                     batch_size: int) -> list[tuple[str, bool]]:
-    """Greedy answers in left-padded batches; (text, ended with the end-of-turn token) per prompt."""
+                     batch_size: int, share_prefix: bool = True) -> list[tuple[str, bool]]:
+    """Greedy answers in batches; (text, ended with the end-of-turn token) per prompt.
+
+    The tokens every prompt starts with (the persona system turn) run through the model once; each batch
+    reuses their keys/values. Rows are laid out [shared prefix | padding | own tokens], with the padding masked,
+    so a batch gives the same answers as one prompt at a time.
+    """
+    import copy
+
     import torch
+
+    from .train import common_prefix_length
 
     eot_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
     stop_ids = list(dict.fromkeys(i for i in (eot_id, tokenizer.eos_token_id) if i is not None))
-    texts = [
+    encoded = [
         tokenizer.apply_chat_template(chat_messages({"instruction": p, "input": "", "output": ""}, system_prompt)[:-1],
-                                      tokenize=False, add_generation_prompt=True)
+                                      tokenize=True, add_generation_prompt=True, return_dict=False)
         for p in prompts
     ]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # batched greedy matches one-at-a-time only with left padding
+    encoded = [list(ids["input_ids"]) if isinstance(ids, dict) else list(ids) for ids in encoded]
+    prefix_len = min(common_prefix_length(encoded), min(len(ids) for ids in encoded) - 1) if share_prefix and encoded else 0
+    prefix_cache = None
+    if prefix_len > 0:
+        with torch.no_grad():
+            prefix = torch.tensor([encoded[0][:prefix_len]], device=model.device)
+            prefix_cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).cache
+    pad = tokenizer.pad_token_id
     results = []
-    try:
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(model.device)
-            with torch.no_grad():
-                out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-                                     pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
-            for row in out[:, batch["input_ids"].shape[1]:].tolist():
-                ended = any(t in stop_ids for t in row)
-                if ended:
-                    row = row[: min(row.index(t) for t in stop_ids if t in row)]
-                results.append((clean_answer(tokenizer.decode(row, skip_special_tokens=True)), ended))
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(encoded), batch_size):
+        rows = encoded[start:start + batch_size]
+        width = max(len(r) for r in rows)
+        # Padding goes right after the shared prefix (or first, without one): the left padding that batched
+        # greedy decoding needs to match one-at-a-time output.
+        ids = [r[:prefix_len] + [pad] * (width - len(r)) + r[prefix_len:] for r in rows]
+        mask = [[1] * prefix_len + [0] * (width - len(r)) + [1] * (len(r) - prefix_len) for r in rows]
+        inputs = {"input_ids": torch.tensor(ids, device=model.device), "attention_mask": torch.tensor(mask, device=model.device)}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(rows))
+            inputs["cache"] = cache
+        with torch.no_grad():
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+                                 pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+        for row in out[:, width:].tolist():
+            ended = any(t in stop_ids for t in row)
+            if ended:
+                row = row[: min(row.index(t) for t in stop_ids if t in row)]
+            results.append((clean_answer(tokenizer.decode(row, skip_special_tokens=True)), ended))
     return results
 
 

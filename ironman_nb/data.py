@@ -436,7 +436,8 @@ class PrepareResult:
             rows += [(f"tokens per sample ({k})", v) for k, v in r["token_lengths"].items()]
         if r.get("categories"):
             rows += [(f"category: {k}", v) for k, v in r["categories"].items()]
-        return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")
+        # object dtype: counts stay integers in the rendered table (a float column shows "650.0")
+        return pd.DataFrame(rows, columns=["item", "value"], dtype=object).set_index("item")
 
     def issues(self):
         """Dropped and changed rows with their row numbers and reasons."""

@@ -199,11 +199,11 @@ def _sft_trainer_class():
             else:
                 ids, mask = inputs["input_ids"], inputs["attention_mask"]
                 batch, width, prefix_tokens = ids.shape[0], ids.shape[1], prefix.numel()
-                cache = model(input_ids=prefix[None], use_cache=True, logits_to_keep=1).past_key_values
+                cache = model(input_ids=prefix[None], use_cache=True, logits_to_keep=1).cache
                 cache.batch_repeat_interleave(batch)
                 positions = torch.arange(prefix_tokens, prefix_tokens + width, device=ids.device)[None].expand(batch, -1)
                 full_mask = torch.cat([mask.new_ones(batch, prefix_tokens), mask], dim=1)
-                outputs = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                outputs = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, cache=cache,
                                 use_cache=True, logits_to_keep=keep)
             logits = outputs.logits.float()
             kept_targets = targets[:, keep]
