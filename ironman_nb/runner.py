@@ -256,7 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
                        help="one parameter; VALUE is read as YAML (quote strings that look like numbers)")
     ns = parser.parse_args(argv)
+    import logging
+
     import yaml
+
+    # papermill streams each notebook's printed output through its logger at INFO: show it (headless runs,
+    # `nohup … &` logs) as plain lines.
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("papermill").setLevel(logging.INFO)
 
     overrides = {name: yaml.safe_load(value) for name, value in ns.param}
     try:

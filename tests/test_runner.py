@@ -46,9 +46,12 @@ def test_unknown_and_mistyped_parameters_are_refused_before_any_kernel(tmp_path,
 
 
 def test_cli_reports_refused_parameters_with_exit_code_2(tmp_path, capsys):
-    code = main(["run", "--run-dir", str(tmp_path / "r"), "-p", "base_model", "1234"])
+    code = main(["run", "--run-dir", str(tmp_path / "r"), "-p", "base_model", "1234", "-p", "repo_id", "1234"])
     assert code == 2
-    assert "base_model: must be a string (got int 1234)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "base_model: must be a string (got int 1234)" in err
+    assert "06_push_to_hub: PushConfig.repo_id: must be a string (got int 1234)" in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_out_of_range_values_in_a_params_file_are_refused(tmp_path):
