@@ -126,6 +126,29 @@ def find_resume_checkpoint(checkpoint_dir: Path, resume: str) -> str | None:
     return None
 
 
+# Parameters that make checkpoints of one run unusable for another: `resume="auto"` only continues a run
+# whose checkpoints were made with the same values (epochs, steps, logging and saving may change).
+RUN_IDENTITY = ("base_model", "data_dir", "max_length", "max_train_samples", "lora_r", "lora_alpha", "lora_dropout",
+                "lora_target", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+                "lr_scheduler_type", "seed")
+IDENTITY_FILE = "run_identity.json"
+
+
+def set_aside_foreign_checkpoints(cfg: TrainConfig, checkpoint_dir: Path) -> None:
+    """Move checkpoints made with other run-defining parameters out of the way (never delete them)."""
+    identity = {name: getattr(cfg, name) for name in RUN_IDENTITY}
+    path = checkpoint_dir / IDENTITY_FILE
+    if cfg.resume == "auto" and path.is_file():
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        changed = {k: (earlier.get(k), v) for k, v in identity.items() if earlier.get(k) != v}
+        if changed:
+            stale = checkpoint_dir.with_name(f"{checkpoint_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(checkpoint_dir, stale)
+            log.warning("checkpoints in %s were made with other parameters (%s): starting fresh; they are kept in %s",
+                        checkpoint_dir, ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in changed.items()), stale)
+    atomic_write_json(path, identity)
+
+
 def common_prefix_length(sequences: list[list[int]]) -> int:
     first = sequences[0]
     length = min(len(s) for s in sequences)
@@ -428,6 +451,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     trainer, fast, checkpoint_dir = setup.trainer, setup.fast, setup.checkpoint_dir
     stop_on_nonfinite, train_records = setup.stop_on_nonfinite, setup.train_records
     output_dir = Path(cfg.output_dir)
+    if trainer.is_world_process_zero():
+        set_aside_foreign_checkpoints(cfg, checkpoint_dir)
+    trainer.accelerator.wait_for_everyone()
     resume_from = find_resume_checkpoint(checkpoint_dir, cfg.resume)
     do_eval = setup.eval_samples > 0
     tokenizer = trainer.processing_class

@@ -149,6 +149,18 @@ def test_resume_continues_from_the_newest_complete_checkpoint(tmp_path, tiny_mod
     assert last(resumed)["loss"] == pytest.approx(last(full)["loss"], rel=1e-5)
 
 
+def test_changed_parameters_start_fresh_and_keep_the_old_checkpoints(tmp_path, tiny_model_dir, caplog):
+    first = train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=0))
+    assert first.run_config["resolved"]["resumed_from"] is None
+    again = train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=0, max_steps=6))  # longer: continues
+    assert again.run_config["resolved"]["resumed_from"].endswith("checkpoint-4")
+    changed = train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=0, lora_r=4))
+    assert changed.run_config["resolved"]["resumed_from"] is None
+    assert "made with other parameters (lora_r 8 → 4)" in caplog.text
+    stale = [p for p in (tmp_path / "adapter").iterdir() if p.name.startswith("checkpoints.stale-")]
+    assert len(stale) == 1 and (stale[0] / "checkpoint-6").is_dir()
+
+
 def test_resume_options(tmp_path):
     assert find_resume_checkpoint(tmp_path / "none", "auto") is None
     assert find_resume_checkpoint(tmp_path, "never") is None
