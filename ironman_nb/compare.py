@@ -230,11 +230,52 @@ def metrics_chart(metrics: dict):
     return buffer.getvalue()
 
 
+def vllm_available(device: str) -> bool:
+    import importlib.util
+
+    return device == "cuda" and importlib.util.find_spec("vllm") is not None
+
+
+def generate_answers_vllm(model_name: str, tokenizer, prompts: list[str], system_prompt: str, max_new_tokens: int,
+                          precision: str) -> list[tuple[str, bool]]:
+    """The same greedy answers through vLLM (used on a GPU where vllm is installed): prompts rendered by the
+    same chat template, the same stop tokens; vLLM batches and caches the shared system turn itself."""
+    import gc
+
+    from vllm import LLM, SamplingParams
+
+    from .models import resolve_model_path
+
+    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
+    stop_ids = list(dict.fromkeys(i for i in (eot_id, tokenizer.eos_token_id) if i is not None))
+    texts = [
+        tokenizer.apply_chat_template(chat_messages({"instruction": p, "input": "", "output": ""}, system_prompt)[:-1],
+                                      tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    engine = LLM(model=resolve_model_path(model_name), dtype={"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32"),
+                 enable_prefix_caching=True, gpu_memory_utilization=0.6)
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop_ids)
+    outputs = engine.generate(texts, params)
+    results = []
+    for output in outputs:
+        choice = output.outputs[0]
+        ended = choice.finish_reason == "stop"
+        results.append((clean_answer(choice.text), ended))
+    del engine
+    gc.collect()
+    return results
+
+
 def _side(model_name: str, prompts: list[str], eval_records: list[dict], cfg: CompareConfig, device: str, precision: str):
     tokenizer = load_tokenizer(model_name)
+    use_vllm = vllm_available(device)
+    if use_vllm:  # before the transformers model takes its GPU memory
+        answers = generate_answers_vllm(model_name, tokenizer, prompts, cfg.system_prompt, cfg.max_new_tokens, precision)
     model = load_model(model_name, precision, device)
     model.eval()
-    answers = generate_answers(model, tokenizer, prompts, cfg.system_prompt, cfg.max_new_tokens, cfg.batch_size)
+    if not use_vllm:
+        answers = generate_answers(model, tokenizer, prompts, cfg.system_prompt, cfg.max_new_tokens, cfg.batch_size)
     nll = assistant_nll(model, tokenizer, eval_records) if eval_records else []
     del model
     return answers, nll

@@ -111,3 +111,42 @@ def test_prompts_without_a_prompt_field_are_refused(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match=r"prompts.jsonl, record 2: needs a non-empty 'prompt'"):
         compare(CompareConfig(base_model=str(tiny_model_dir), tuned_model=str(tiny_model_dir), prompts_path=str(prompts),
                               eval_data="", output_dir=str(tmp_path / "out")))
+
+
+def test_vllm_path_uses_the_chat_template_greedy_and_the_stop_tokens(monkeypatch, tokenizer, tmp_path):
+    """vLLM is CUDA-only: a stand-in module records what the vLLM path asks of it."""
+    import sys
+    import types
+
+    from ironman_nb.compare import generate_answers_vllm
+
+    calls = {}
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            calls["params"] = kwargs
+
+    class Choice:
+        def __init__(self, text, reason):
+            self.text, self.finish_reason = text, reason
+
+    class LLM:
+        def __init__(self, **kwargs):
+            calls["engine"] = kwargs
+
+        def generate(self, texts, params):
+            calls["texts"] = texts
+            return [types.SimpleNamespace(outputs=[Choice("나야, 토니.", "stop")]),
+                    types.SimpleNamespace(outputs=[Choice("끝까지 못 했\ufffd", "length")])]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    answers = generate_answers_vllm(str(model_dir), tokenizer, ["누구야?", "길게 말해"], DEFAULT_SYSTEM_PROMPT, 32, "bf16")
+    assert answers == [("나야, 토니.", True), ("끝까지 못 했", False)]
+    assert calls["params"] == {"temperature": 0.0, "max_tokens": 32, "stop_token_ids": [2]}
+    assert calls["engine"]["dtype"] == "bfloat16" and calls["engine"]["enable_prefix_caching"] is True
+    assert calls["texts"][0] == tokenizer.apply_chat_template(
+        [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": "누구야?"}],
+        tokenize=False, add_generation_prompt=True)
