@@ -202,6 +202,7 @@ class TrainConfig(StageConfig):
     gradient_checkpointing: str = "auto"
     padding_free: str = "auto"
     shared_prefix: str = "auto"
+    quantization: str = "none"
     seed: int = 42
     resume: str = "auto"
     launcher: str = "none"
@@ -220,6 +221,7 @@ class TrainConfig(StageConfig):
         "padding_free": ("auto", "on", "off"),
         "shared_prefix": ("auto", "on", "off"),
         "launcher": ("none", "accelerate", "deepspeed"),
+        "quantization": ("none", "4bit"),
     }
 
     def range_problems(self):

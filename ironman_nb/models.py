@@ -180,21 +180,31 @@ def attention_implementation(device: str) -> str:
     return "sdpa"
 
 
-def load_model(base_model: str, precision: str = "fp32", device: str = "cpu"):
+def load_model(base_model: str, precision: str = "fp32", device: str = "cpu", quantization: str = "none"):
+    """The base model on `device`; with quantization="4bit", its linear weights in NF4 (bitsandbytes, QLoRA)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(base_model)
     # fp16 training keeps fp32 master weights (the AMP grad scaler needs them); bf16 and fp32 load as is.
     load_precision = "fp32" if precision == "fp16" else precision
+    extra = {}
+    if quantization == "4bit":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ModelNotFoundError("quantization='4bit' needs bitsandbytes: pip install bitsandbytes")
+        from transformers import BitsAndBytesConfig
+
+        extra = {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch_dtype(load_precision)), "device_map": {"": device if device != "cuda" else 0}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype(load_precision), attn_implementation=attention_implementation(device)
+            path, dtype=torch_dtype(load_precision), attn_implementation=attention_implementation(device), **extra
         )
     except (OSError, ValueError) as err:
         if "does not appear to have" in str(err) or "not a valid model identifier" in str(err) or isinstance(err, OSError):
             raise _not_found(base_model, err) from err
         raise
-    return model.to(device)
+    return model if extra else model.to(device)
 
 
 def remove_model_dir(path: str | Path) -> None:

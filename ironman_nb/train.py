@@ -53,9 +53,10 @@ class FastPath:
 def choose_fast_path(cfg: TrainConfig, device: str, n_parameters: int | None = None, world_size: int = 1) -> FastPath:
     precision = resolve_precision(cfg.precision, device)
     if cfg.gradient_checkpointing == "auto":
-        # Checkpointing costs ~1/3 more compute; pay it only when the frozen weights alone take over a third of the card.
-        checkpointing = False
-        if device == "cuda" and n_parameters:
+        # Checkpointing costs ~1/3 more compute; pay it only when the frozen weights alone take over a third of the
+        # card — or when the 4-bit profile says memory is what is short.
+        checkpointing = cfg.quantization == "4bit"
+        if device == "cuda" and n_parameters and not checkpointing:
             import torch
 
             bytes_per_param = 4 if precision == "fp32" else 2
@@ -422,7 +423,7 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
 
     device = resolve_device()
     if model is None:
-        model = load_model(cfg.base_model, resolve_precision(cfg.precision, device), device)
+        model = load_model(cfg.base_model, resolve_precision(cfg.precision, device), device, cfg.quantization)
     fast = choose_fast_path(cfg, device, sum(p.numel() for p in model.parameters()),
                             int(os.environ.get("WORLD_SIZE", "1")))
     log.info("fast path: %s", fast)
@@ -487,6 +488,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             **dataclasses.asdict(fast),
             "base_model_path": resolve_model_path(cfg.base_model),
             "base_model_hub_id": hub_id(cfg.base_model),
+            "quantization": cfg.quantization,
             "end_of_turn_token": eot,
             "system_prompt": train_records[0]["messages"][0]["content"] if train_records[0]["messages"][0]["role"] == "system" else None,
             "train_samples": setup.train_samples,

@@ -188,3 +188,37 @@ def test_missing_data_names_the_notebook(tmp_path, tiny_model_dir):
 
     with pytest.raises(DataError, match="run notebooks/01_prepare_data.ipynb first"):
         train(TrainConfig(base_model=str(tiny_model_dir), data_dir=str(tmp_path / "nothing"), output_dir=str(tmp_path / "o")))
+
+
+def test_four_bit_profile_trains_and_merges(tmp_path, tiny_model_dir):
+    """QLoRA: NF4 base weights (bitsandbytes' CPU backend here), checkpointing on, an adapter that merges."""
+    pytest.importorskip("bitsandbytes")
+    from ironman_nb.config import MergeConfig
+    from ironman_nb.merge import merge
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    # bitsandbytes' CPU kernels want rows of at least 64 values: a wider tiny model.
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.update({"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2})
+    wide = tmp_path / "wide-model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(wide)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(wide)
+    cfg = tiny_cfg(tmp_path, wide, quantization="4bit", max_steps=2, eval_steps=0, save_steps=10)
+    # bitsandbytes' CPU inference kernel (used in eval mode only) rejects these small shapes: train without eval here.
+    (tmp_path / "data" / "eval.jsonl").unlink()
+    result = train(cfg)
+    resolved = result.run_config["resolved"]
+    assert resolved["quantization"] == "4bit" and resolved["gradient_checkpointing"] is True
+    assert resolved["shared_prefix"] is False
+    assert all(math.isfinite(h["loss"]) for h in result.log_history if "loss" in h)
+    merged = merge(MergeConfig(base_model=str(wide), adapter_dir=str(tmp_path / "adapter"),
+                               output_dir=str(tmp_path / "merged")))
+    assert merged.checks["saved dtype"] == "fp32"
+
+
+def test_four_bit_profile_parameters_match_the_notebook():
+    from ironman_nb.runner import profile_params
+
+    params = profile_params("gpu24gb")["02_train_lora"]
+    assert TrainConfig.from_params(**params).quantization == "4bit"
