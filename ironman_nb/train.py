@@ -578,6 +578,8 @@ def _versions() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ironman_nb.train", description=__doc__)
     parser.add_argument("--config", required=True, help="JSON file with TrainConfig fields (or a run_config.json)")
+    # The deepspeed launcher appends --local_rank=N (the rank is also in the LOCAL_RANK environment variable).
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
     data: Any = read_json(ns.config, "training config")
     params = data.get("config", data)

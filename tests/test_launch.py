@@ -96,3 +96,23 @@ def test_a_failing_launch_reports_code_and_log_tail(tmp_path, tiny_model_dir):
                       launcher="accelerate", num_processes=2, main_process_port=29632)
     with pytest.raises(LaunchFailed, match=r"accelerate exited with code [1-9]\d*\ncause: .*DataError: .*run notebooks/01_prepare_data"):
         train(cfg)
+
+
+def test_deepspeed_zero3_launch_saves_a_whole_adapter(tmp_path, tiny_model_dir):
+    """The `deepspeed` launcher with the shipped ZeRO-3 config (one CPU process): the adapter comes out whole."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    from ironman_nb.merge import merge
+    from ironman_nb.train import train
+
+    data = write_chat_data(tmp_path / "data", train_rows=8)
+    result = train(TrainConfig(base_model=str(tiny_model_dir), data_dir=str(data), output_dir=str(tmp_path / "adapter"),
+                               max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=1, logging_steps=1,
+                               save_steps=100, eval_steps=0, max_length=512, learning_rate=5e-3, launcher="deepspeed",
+                               num_processes=1, main_process_port=29633,
+                               deepspeed_config=str(ROOT / "configs" / "ds_zero3.json")))
+    assert result.run_config["result"]["global_step"] == 2
+    tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert tensors and all(t.numel() > 0 for t in tensors.values())  # gathered, not ZeRO-3 shards
+    merge(MergeConfig(base_model=str(tiny_model_dir), adapter_dir=str(tmp_path / "adapter"), output_dir=str(tmp_path / "m")))
