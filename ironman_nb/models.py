@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from .config import EMBEDDED_MODEL
@@ -206,6 +205,3 @@ def load_model(base_model: str, precision: str = "fp32", device: str = "cpu", qu
         raise
     return model if extra else model.to(device)
 
-
-def remove_model_dir(path: str | Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

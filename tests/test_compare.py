@@ -44,7 +44,6 @@ def test_batched_generation_equals_one_at_a_time(tiny):
 
 
 def test_nll_counts_only_the_answer(tiny):
-    import torch
 
     model, tokenizer = tiny
     record = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},

@@ -49,7 +49,7 @@ def test_launcher_parameters_are_checked():
 @pytest.mark.parametrize("name", ["ds_zero2.json", "ds_zero3.json"])
 def test_deepspeed_configs_pass_deepspeeds_own_parser(name):
     """HF fills the "auto" values from the training arguments; DeepSpeed's parser then validates the result."""
-    deepspeed = pytest.importorskip("deepspeed")
+    pytest.importorskip("deepspeed")
     from deepspeed.runtime.config import DeepSpeedConfig
     from transformers import TrainingArguments
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
