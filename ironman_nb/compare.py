@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 
 from .config import CompareConfig
-from .data import chat_messages, tokenize_conversation
+from .data import prompt_messages, tokenize_conversation
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
-from .models import end_of_turn_token, load_model, load_tokenizer, resolve_device, resolve_precision
+from .models import load_model, load_tokenizer, resolve_device, resolve_precision, stop_token_ids
 
 # Answers that call themselves an AI / language model (the persona breaking), in Korean and English.
 PERSONA_BREAK = re.compile(
@@ -77,11 +77,10 @@ def generate_answers(model, tokenizer, prompts: list[str], system_prompt: str, m
 
     from .train import common_prefix_length
 
-    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
-    stop_ids = list(dict.fromkeys(i for i in (eot_id, tokenizer.eos_token_id) if i is not None))
+    stop_ids = stop_token_ids(tokenizer)
     encoded = [
-        tokenizer.apply_chat_template(chat_messages({"instruction": p, "input": "", "output": ""}, system_prompt)[:-1],
-                                      tokenize=True, add_generation_prompt=True, return_dict=False)
+        tokenizer.apply_chat_template(prompt_messages(p, system_prompt), tokenize=True, add_generation_prompt=True,
+                                      return_dict=False)
         for p in prompts
     ]
     encoded = [list(ids["input_ids"]) if isinstance(ids, dict) else list(ids) for ids in encoded]
@@ -246,13 +245,9 @@ def generate_answers_vllm(model_name: str, tokenizer, prompts: list[str], system
 
     from .models import resolve_model_path
 
-    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
-    stop_ids = list(dict.fromkeys(i for i in (eot_id, tokenizer.eos_token_id) if i is not None))
-    texts = [
-        tokenizer.apply_chat_template(chat_messages({"instruction": p, "input": "", "output": ""}, system_prompt)[:-1],
-                                      tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
+    stop_ids = stop_token_ids(tokenizer)
+    texts = [tokenizer.apply_chat_template(prompt_messages(p, system_prompt), tokenize=False, add_generation_prompt=True)
+             for p in prompts]
     engine = LLM(model=resolve_model_path(model_name), dtype={"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32"),
                  enable_prefix_caching=True, gpu_memory_utilization=0.6)
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop_ids)

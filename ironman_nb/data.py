@@ -258,6 +258,11 @@ def chat_messages(record: dict, system_prompt: str) -> list[dict]:
     ]
 
 
+def prompt_messages(prompt: str, system_prompt: str) -> list[dict]:
+    """The system and user turns for a question to answer (generation, probes): the training prompt, no answer."""
+    return chat_messages({"instruction": prompt, "input": "", "output": ""}, system_prompt)[:-1]
+
+
 def render_lengths(tokenizer, conversations: list[list[dict]], chunk: int = 1024) -> list[int]:
     """Token count of each conversation after the chat template, in chunks (memory stays per chunk)."""
     lengths = []

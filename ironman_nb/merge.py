@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from .config import DEFAULT_SYSTEM_PROMPT, MergeConfig
-from .data import chat_messages
+from .data import prompt_messages
 from .hub import run_failure
 from .io import atomic_dir, atomic_write_json, read_json
 from .models import (
@@ -25,6 +25,7 @@ from .models import (
     resolve_device,
     resolve_model_path,
     resolve_precision,
+    stop_token_ids,
     torch_dtype,
 )
 
@@ -83,8 +84,8 @@ def check_adapter_finite(adapter_dir: Path) -> int:
 
 
 def _probe_inputs(tokenizer, system_prompt: str, device: str):
-    messages = chat_messages({"instruction": PROBE_PROMPT, "input": "", "output": ""}, system_prompt)[:-1]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(prompt_messages(PROBE_PROMPT, system_prompt), tokenize=False,
+                                         add_generation_prompt=True)
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
 
 
@@ -149,9 +150,8 @@ def merge(cfg: MergeConfig) -> MergeResult:
         )
 
     eot = end_of_turn_token(tokenizer)
+    stop_ids = stop_token_ids(tokenizer)
     tokenizer.chat_template = persona_chat_template(tokenizer.chat_template, system_prompt)
-    eot_id = tokenizer.convert_tokens_to_ids(eot)
-    stop_ids = list(dict.fromkeys(i for i in (eot_id, tokenizer.eos_token_id) if i is not None))
     merged.generation_config.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     merged.config.name_or_path = hub_id(cfg.base_model)

@@ -143,6 +143,12 @@ def end_of_turn_token(tokenizer) -> str:
     return min(found)[1] if found else tokenizer.eos_token
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """The ids generation stops at: the chat template's end-of-turn token, then EOS if it differs."""
+    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
+    return list(dict.fromkeys(i for i in (eot_id, tokenizer.eos_token_id) if i is not None))
+
+
 def resolve_device() -> str:
     import torch
 

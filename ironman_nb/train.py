@@ -102,13 +102,17 @@ def build_dataset(records: list[dict], tokenizer, max_length: int, limit: int = 
     return Dataset.from_list(rows) if rows else None
 
 
+def _missing_checkpoint_files(path: Path) -> list[str]:
+    return [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+
+
 def find_resume_checkpoint(checkpoint_dir: Path, resume: str) -> str | None:
     """'auto': the newest complete checkpoint (trainer state and adapter files present); 'never': None; else a path."""
     if resume == "never":
         return None
     if resume != "auto":
         path = Path(resume)
-        missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+        missing = _missing_checkpoint_files(path)
         if missing:
             raise FileNotFoundError(f"resume={resume!r}: not a complete checkpoint (missing {', '.join(missing)})")
         return str(path)
@@ -120,7 +124,7 @@ def find_resume_checkpoint(checkpoint_dir: Path, resume: str) -> str | None:
         reverse=True,
     )
     for path in candidates:
-        missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+        missing = _missing_checkpoint_files(path)
         if not missing:
             return str(path)
         log.warning("skipping incomplete checkpoint %s (missing %s)", path, ", ".join(missing))
