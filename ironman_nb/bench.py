@@ -1,6 +1,7 @@
 """Speed benchmarks, measured side by side in one process.
 
-    python -m ironman_nb.bench train    [--model embedded|qwen2-7b|llama3-8b|PATH] [--steps N] ...
+    python -m ironman_nb.bench train    [--model embedded|qwen2-7b|llama3-8b|PATH] [--steps N] [--configs ...]
+                                        [--quantization 4bit] ...
     python -m ironman_nb.bench generate [--model ...] [--prompts N] [--new-tokens N] [--batch N]
 
 `train` runs the project's training path and a baseline that is exactly TRL's `SFTConfig` defaults
@@ -8,6 +9,8 @@
 TRL's default bf16, which ran ~100x slower there), alternating, each after warm-up steps. It prints one
 JSON line per run and a final line with `ratio` = project tokens/s ÷ baseline tokens/s. Tokens are real
 tokens (padding not counted). The data is the shipped persona set with its system prompt, as users train it.
+`--configs "baseline;project;project:liger_kernel=off"` adds ablations of the project path (any TrainConfig
+field); `--configs project --quantization 4bit` measures the 24 GB profile alone (peak memory).
 """
 from __future__ import annotations
 
@@ -41,18 +44,31 @@ SHAPES = {
 }
 
 
-def load_bench_model(name: str, device: str, precision: str, tokenizer_name: str = EMBEDDED_MODEL):
+def load_bench_model(name: str, device: str, precision: str, tokenizer_name: str = EMBEDDED_MODEL,
+                     quantization: str = "none", scratch: Path | None = None):
     """(model, tokenizer): a Hub id / folder / the embedded model, or a random-weight shape from SHAPES.
 
-    Random shapes use `tokenizer_name` (default: the embedded model's; its ids fit their vocabularies)."""
+    Random shapes use `tokenizer_name` (default: the embedded model's; its ids fit their vocabularies). A
+    random shape in 4-bit is written once to `scratch` and loaded from there, through the same loading code
+    as a real model."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .models import load_model, load_tokenizer, torch_dtype
 
     if name not in SHAPES:
-        return load_model(name, precision, device), load_tokenizer(name)
+        return load_model(name, precision, device, quantization), load_tokenizer(name)
     tokenizer = load_tokenizer(tokenizer_name)
+    if quantization != "none":
+        if scratch is None:
+            raise ValueError("a random-weight shape in 4-bit needs a scratch folder to be written to")
+        folder = scratch / name
+        if not (folder / "config.json").is_file():
+            model, _ = load_bench_model(name, device, precision, tokenizer_name)
+            model.save_pretrained(folder)
+            del model
+            gc.collect()
+        return load_model(str(folder), precision, device, quantization), tokenizer
     shape = dict(SHAPES[name])
     config = AutoConfig.for_model(shape.pop("model_type"), **shape, pad_token_id=tokenizer.pad_token_id,
                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -148,6 +164,26 @@ class BenchArgs:
     max_length: int = 1024
     lora_r: int = 8
     tokenizer: str = EMBEDDED_MODEL
+    # Runs in each round: "baseline" (TRL defaults), "project" (TrainConfig defaults, i.e. the fast path `auto`
+    # picks), and "project:NAME=VALUE,…" (the project path with TrainConfig fields overridden, for ablations).
+    configs: tuple[str, ...] = ("baseline", "project")
+    quantization: str = "none"
+    scratch: str = ""
+
+    def __post_init__(self):
+        for name in self.configs:
+            if name != "baseline":
+                project_overrides(name)  # fails early on a misspelt field or value
+
+
+def project_overrides(name: str) -> dict:
+    """TrainConfig overrides of a run named "project" or "project:field=value,…"."""
+    kind, _, spec = name.partition(":")
+    if kind != "project":
+        raise ValueError(f"bench config {name!r}: use baseline, project or project:field=value,…")
+    overrides = dict(item.split("=", 1) for item in spec.split(",") if item)
+    TrainConfig.from_params(**overrides)  # validates names and values
+    return overrides
 
 
 def _run_once(kind: str, args: BenchArgs, device: str, precision: str, records: list[dict], n_params: list) -> dict:
@@ -155,20 +191,20 @@ def _run_once(kind: str, args: BenchArgs, device: str, precision: str, records: 
     from datasets import Dataset
     from trl import SFTConfig
 
-
-    model, tokenizer = load_bench_model(args.model, device, precision, args.tokenizer)
+    scratch = Path(args.scratch) if args.scratch else None
+    model, tokenizer = load_bench_model(args.model, device, precision, args.tokenizer, args.quantization, scratch)
     n_params[:] = [sum(p.numel() for p in model.parameters())]
     total_steps = args.warmup + args.steps
     timer = _step_timer(args.warmup, device)
     cfg = TrainConfig(base_model=args.model if args.model not in SHAPES else EMBEDDED_MODEL, max_steps=total_steps,
                       per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.accum,
                       lora_r=args.lora_r, lora_alpha=2 * args.lora_r, max_length=args.max_length, logging_steps=1,
-                      save_steps=10**6, eval_steps=0, warmup_ratio=0.0)
+                      save_steps=10**6, eval_steps=0, warmup_ratio=0.0, quantization=args.quantization)
     with tempfile.TemporaryDirectory() as tmp:
-        if kind == "project":
-            cfg = dataclasses.replace(cfg, output_dir=str(Path(tmp) / "adapter"))
-            trainer = build_trainer(cfg, model=model, tokenizer=tokenizer, records=(records, []),
-                                    extra_callbacks=[timer]).trainer
+        if kind != "baseline":
+            cfg = TrainConfig.from_params(**{**cfg.to_dict(), **project_overrides(kind), "output_dir": str(Path(tmp) / "adapter")})
+            setup = build_trainer(cfg, model=model, tokenizer=tokenizer, records=(records, []), extra_callbacks=[timer])
+            trainer, fast = setup.trainer, setup.fast
         else:
             # Exactly TRL's defaults but for precision on a CPU: same LoRA, batch, steps and data.
             dataset = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in records])
@@ -179,6 +215,7 @@ def _run_once(kind: str, args: BenchArgs, device: str, precision: str, records: 
             trainer = _counting_baseline_class()(model=model, args=sft_args, train_dataset=dataset,
                                                  processing_class=tokenizer, peft_config=lora_config(cfg),
                                                  callbacks=[timer])
+            setup = fast = None
         timer.trainer = trainer
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -192,8 +229,10 @@ def _run_once(kind: str, args: BenchArgs, device: str, precision: str, records: 
               "steps_timed": args.steps, "peak_memory_gib": round(peak / 2**30, 2)}
     result["fast_path"] = {"gradient_checkpointing": trainer.args.activation_checkpointing,
                            "padding_free": trainer.args.padding_free,
-                           "shared_prefix": isinstance(trainer.data_collator, SharedPrefixCollator)}
-    del trainer, model
+                           "shared_prefix": isinstance(trainer.data_collator, SharedPrefixCollator),
+                           "liger_kernel": fast.liger_kernel if fast else False,
+                           "quantization": args.quantization}
+    del trainer, model, setup
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -219,32 +258,44 @@ def matmul_tflops(device: str) -> float | None:
 
 
 def bench_train(args: BenchArgs, emit=print) -> dict:
+    """Each of `args.configs` once per round, alternating; one JSON line per run, then a summary line."""
     from .models import resolve_device, resolve_precision
 
     device = resolve_device()
     precision = resolve_precision("auto", device)
     records = bench_records(args.batch * args.accum * (args.warmup + args.steps))
     n_params: list = []
-    runs = {"baseline": [], "project": []}
-    for round_index in range(args.rounds):
-        for kind in ("baseline", "project"):
-            result = {**_run_once(kind, args, device, precision, records, n_params), "round": round_index}
-            runs[kind].append(result)
-            emit(json.dumps(result, ensure_ascii=False))
-    speed = {k: round(statistics.median(r["tokens_per_s"] for r in v), 1) for k, v in runs.items()}
-    summary = {
-        "summary": "train", "model": args.model, "device": device, "parameters": n_params[0],
-        "baseline_tokens_per_s": speed["baseline"], "project_tokens_per_s": speed["project"],
-        "ratio": round(speed["project"] / speed["baseline"], 2),
-        "baseline_peak_memory_gib": max(r["peak_memory_gib"] for r in runs["baseline"]),
-        "project_peak_memory_gib": max(r["peak_memory_gib"] for r in runs["project"]),
-    }
+    runs: dict[str, list] = {name: [] for name in args.configs}
+    with tempfile.TemporaryDirectory(dir=args.scratch or None) as scratch:
+        run_args = dataclasses.replace(args, scratch=scratch)
+        for round_index in range(args.rounds):
+            for name in args.configs:
+                try:
+                    result = _run_once(name, run_args, device, precision, records, n_params)
+                except Exception as err:  # one configuration failing must not lose the others' numbers
+                    result = {"config": name, "model": args.model, "error": f"{type(err).__name__}: {err}"[:600]}
+                    gc.collect()
+                result["round"] = round_index
+                runs[name].append(result)
+                emit(json.dumps(result, ensure_ascii=False))
+    speed = {name: round(statistics.median(r["tokens_per_s"] for r in rs), 1)
+             for name, rs in runs.items() if rs and all("tokens_per_s" in r for r in rs)}
+    summary = {"summary": "train", "model": args.model, "device": device, "quantization": args.quantization,
+               "parameters": n_params[0] if n_params else None}
+    for name, value in speed.items():
+        summary[f"{name}_tokens_per_s"] = value
+        summary[f"{name}_peak_memory_gib"] = max(r["peak_memory_gib"] for r in runs[name])
+    if "baseline" in speed:
+        for name in speed:
+            if name != "baseline":
+                key = "ratio" if name == "project" else f"{name}_ratio"
+                summary[key] = round(speed[name] / speed["baseline"], 2)
     peak = matmul_tflops(device)
-    if peak:
+    if peak and n_params:
         limit = peak * 1e12 / (4 * n_params[0])
-        summary.update(matmul_tflops=round(peak, 1), limit_tokens_per_s=round(limit),
-                       baseline_fraction_of_4N=round(speed["baseline"] / limit, 3),
-                       project_fraction_of_4N=round(speed["project"] / limit, 3))
+        summary.update(matmul_tflops=round(peak, 1), limit_tokens_per_s=round(limit))
+        for name, value in speed.items():
+            summary[f"{name}_fraction_of_4N"] = round(value / limit, 3)
     emit(json.dumps(summary))
     return summary
 
@@ -313,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
                           ("lora-r", 8)):
         train_p.add_argument(f"--{name}", type=int, default=default)
     train_p.add_argument("--tokenizer", default=EMBEDDED_MODEL, help="tokenizer for a random-weight shape")
+    train_p.add_argument("--configs", default="baseline,project",
+                         help="runs per round, ';'-separated: baseline, project, project:field=value,… (ablations)")
+    train_p.add_argument("--quantization", default="none", choices=("none", "4bit"))
+    train_p.add_argument("--scratch", default="", help="folder for a 4-bit random shape's weights (default: temp)")
     gen_p = sub.add_parser("generate", help="batched generation vs one prompt at a time")
     gen_p.add_argument("--model", default=EMBEDDED_MODEL)
     gen_p.add_argument("--prompts", type=int, default=8)
@@ -326,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_prepare(ns.rows)
     elif ns.command == "train":
         bench_train(BenchArgs(ns.model, ns.steps, ns.warmup, ns.batch, ns.accum, ns.rounds, ns.max_length, ns.lora_r,
-                              ns.tokenizer))
+                              ns.tokenizer, tuple(c for c in ns.configs.split(";") if c), ns.quantization, ns.scratch))
     else:
         bench_generate(ns.model, ns.prompts, ns.new_tokens, ns.batch, tokenizer_name=ns.tokenizer)
     return 0

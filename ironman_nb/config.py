@@ -202,6 +202,7 @@ class TrainConfig(StageConfig):
     gradient_checkpointing: str = "auto"
     padding_free: str = "auto"
     shared_prefix: str = "auto"
+    liger_kernel: str = "auto"
     quantization: str = "none"
     seed: int = 42
     resume: str = "auto"
@@ -220,6 +221,7 @@ class TrainConfig(StageConfig):
         "gradient_checkpointing": ("auto", "on", "off"),
         "padding_free": ("auto", "on", "off"),
         "shared_prefix": ("auto", "on", "off"),
+        "liger_kernel": ("auto", "on", "off"),
         "launcher": ("none", "accelerate", "deepspeed"),
         "quantization": ("none", "4bit"),
     }

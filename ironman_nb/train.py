@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ class FastPath:
     padding_free: bool
     shared_prefix: bool
     attn_implementation: str
+    liger_kernel: bool = False
 
 
 def choose_fast_path(cfg: TrainConfig, device: str, n_parameters: int | None = None, world_size: int = 1) -> FastPath:
@@ -81,7 +83,35 @@ def choose_fast_path(cfg: TrainConfig, device: str, n_parameters: int | None = N
         padding_free = cfg.padding_free == "on"
     if shared_prefix and (padding_free or checkpointing):
         raise ConfigError("TrainConfig.shared_prefix: 'on' needs padding_free and gradient_checkpointing off")
-    return FastPath(device, precision, checkpointing, padding_free, shared_prefix, attn)
+    liger_installed = importlib.util.find_spec("liger_kernel") is not None
+    if cfg.liger_kernel == "on" and (device != "cuda" or not liger_installed):
+        raise ConfigError("TrainConfig.liger_kernel: 'on' needs a CUDA GPU and `pip install liger-kernel` "
+                          f"(device {device}, liger-kernel {'installed' if liger_installed else 'not installed'})")
+    # The 4-bit profile keeps its norms in fp32 (prepare for k-bit training); Liger's kernels are for bf16 runs.
+    liger = cfg.liger_kernel == "on" or (cfg.liger_kernel == "auto" and device == "cuda" and liger_installed
+                                         and cfg.quantization == "none")
+    return FastPath(device, precision, checkpointing, padding_free, shared_prefix, attn, liger)
+
+
+def apply_liger_kernels(model) -> bool:
+    """Liger's fused RMSNorm and SwiGLU kernels (Triton, CUDA) on this model instance; True if its type has them.
+
+    The loss stays the project's (logits only at labelled positions). Liger's patch also swaps classes in the
+    model's modeling module for models built later; those are put back, so only this instance changes.
+    """
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+
+    if model.config.model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        log.warning("liger_kernel: no Liger kernels for model type %r; training without them", model.config.model_type)
+        return False
+    module = sys.modules[type(model).__module__]
+    saved = dict(vars(module))
+    _apply_liger_kernel_to_instance(model=model, rope=False, cross_entropy=False, fused_linear_cross_entropy=False,
+                                    rms_norm=True, swiglu=True)
+    for name, value in saved.items():
+        if vars(module).get(name) is not value:
+            setattr(module, name, value)
+    return True
 
 
 def build_dataset(records: list[dict], tokenizer, max_length: int, limit: int = 0):
@@ -337,7 +367,8 @@ class TrainResult:
         import pandas as pd
 
         r = self.run_config["resolved"]
-        keys = ("device", "precision", "gradient_checkpointing", "padding_free", "attn_implementation",
+        keys = ("device", "precision", "gradient_checkpointing", "padding_free", "shared_prefix", "liger_kernel",
+                "attn_implementation",
                 "base_model_path", "end_of_turn_token", "train_samples", "eval_samples", "resumed_from")
         rows = [(k, str(r.get(k))) for k in keys] + [("output_dir", str(self.output_dir))]
         return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")
@@ -430,6 +461,8 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
         model = load_model(cfg.base_model, resolve_precision(cfg.precision, device), device, cfg.quantization)
     fast = choose_fast_path(cfg, device, sum(p.numel() for p in model.parameters()),
                             int(os.environ.get("WORLD_SIZE", "1")))
+    if fast.liger_kernel and not apply_liger_kernels(model):
+        fast = dataclasses.replace(fast, liger_kernel=False)
     log.info("fast path: %s", fast)
     checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
     stop_on_nonfinite = _nonfinite_stop_callback()

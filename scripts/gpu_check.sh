@@ -1,23 +1,45 @@
 #!/usr/bin/env bash
-# The GPU check (one H100, within 8 minutes): the training benchmark and the generation benchmark on the
-# Qwen2-7B shape (random weights), then the six stages on a small random-weight model. Its output is what
-# the README's performance table quotes.
+# The GPU check (one H100, within 8 minutes): the training benchmark (TRL defaults vs the project's path, with
+# and without Liger), the 24 GB profile's peak memory (4-bit) and the generation benchmark on the Qwen2-7B
+# shape (random weights), then the six stages and a ZeRO-3 launch on a small random-weight model. Its output is
+# what the README's performance tables quote.
 #
 # Prepared on a machine with the project installed (make install), then run on the GPU machine:
 #   bash scripts/gpu_check.sh prepare      # wheels into .whl/, the tokenizer into .gpu/ (both git-ignored)
 #   bash scripts/gpu_check.sh              # there: installs the wheels, runs everything, writes $OUT
+# Everything lands in three files: $OUT/results.jsonl (one JSON line per run, each tagged with its step),
+# $OUT/env.txt (card, driver, versions, step times) and $OUT/log.txt (stderr of every step).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
+BUDGET_S=${BUDGET_S:-540}
 mkdir -p "$OUT"
 
 if [ "${1:-}" = "prepare" ]; then
-  mkdir -p .whl .gpu
+  rm -rf .whl && mkdir -p .whl .gpu
   for spec in trl==1.16.0 datasets==5.2.0 transformers==5.24.0 peft==0.21.2 dill==0.4.1 multiprocess==0.70.19 \
-              hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5; do
+              hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+              liger-kernel==0.8.5 bitsandbytes==0.50.2; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl "$spec"
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+      -d .whl "$spec" 2>&1 | grep -v "^WARNING: Location" || true
   done
+  # bitsandbytes ships a library per CUDA version (43 MB); keep the one for the GPU machine's CUDA 13.0 torch.
+  python3 - <<'EOF'
+import glob, os, zipfile
+path = glob.glob(".whl/bitsandbytes-*.whl")[0]
+keep = lambda name: not (name.endswith(".so") and "cuda130" not in name and "_cpu" not in name)
+slim = path + ".slim"
+with zipfile.ZipFile(path) as src, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as dst:
+    for item in src.infolist():
+        if not keep(item.filename):
+            continue
+        data = src.read(item)
+        if item.filename.endswith(".dist-info/RECORD"):
+            data = b"\n".join(l for l in data.split(b"\n") if keep(l.split(b",")[0].decode()))
+        dst.writestr(item, data)
+os.replace(slim, path)
+EOF
   # DeepSpeed ships as a source archive; without its compiled ops it builds a pure-Python wheel.
   DS_BUILD_OPS=0 .venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
   .venv/bin/python -c "from ironman_nb.models import load_tokenizer; load_tokenizer('embedded:SmolLM2-135M-Instruct').save_pretrained('.gpu/tokenizer')"
@@ -30,17 +52,41 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, transformers, trl, peft, datasets, pyarrow; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__, 'datasets', datasets.__version__, 'pyarrow', pyarrow.__version__)" | tee "$OUT/versions.txt"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, transformers, trl, peft, datasets, liger_kernel, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__, 'datasets', datasets.__version__, 'bitsandbytes', bitsandbytes.__version__)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
 
-python3 -m ironman_nb.bench train --model qwen2-7b --tokenizer .gpu/tokenizer --batch 4 --accum 4 --steps 4 --warmup 1 --rounds 2 \
-  2> "$OUT/bench_train.err" | grep --line-buffered '^{"' | tee "$OUT/bench_train_qwen2-7b.jsonl"
-python3 -m ironman_nb.bench generate --model qwen2-7b --tokenizer .gpu/tokenizer --prompts 8 --new-tokens 64 --batch 8 \
-  2> "$OUT/bench_generate.err" | grep --line-buffered '^{"' | tee "$OUT/bench_generate_qwen2-7b.jsonl"
-python3 scripts/gpu_pipeline.py --zero3 --tokenizer .gpu/tokenizer --run-dir /tmp/gpu_run 2> "$OUT/pipeline.err" | grep -E '^\[gpu_pipeline\]|^\{' | tee "$OUT/pipeline.log"
-if [ $(( $(date +%s) - started )) -lt 300 ]; then
-  python3 -m ironman_nb.bench train --model llama3-8b --tokenizer .gpu/tokenizer --batch 4 --accum 4 --steps 3 --warmup 1 --rounds 1 \
-    2> "$OUT/bench_train_llama.err" | grep --line-buffered '^{"' | tee "$OUT/bench_train_llama3-8b.jsonl"
-fi
-echo "gpu_check finished in $(( $(date +%s) - started )) s"
+# step NAME MIN_S CMD...: run CMD if at least MIN_S of the budget is left, within what is left; its JSON
+# lines go to results.jsonl tagged with the step, its stderr to log.txt.
+step() {
+  local name=$1 need=$2; shift 2
+  local left=$(( BUDGET_S - ($(date +%s) - started) ))
+  if [ "$left" -lt "$need" ]; then echo "skipped $name: ${left} s left" | tee -a "$OUT/env.txt"; return; fi
+  local t0=$(date +%s)
+  echo "=== $name" >> "$OUT/log.txt"
+  timeout "$left" "$@" 2>> "$OUT/log.txt" | python3 -c "import json, sys
+for line in sys.stdin:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        continue  # progress lines
+    if isinstance(record, dict):
+        print(json.dumps({'step': '$name', **record}, ensure_ascii=False), flush=True)" | tee -a "$OUT/results.jsonl"
+  echo "$name: exit ${PIPESTATUS[0]} in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.txt"
+}
+
+# A CPU smoke test of this script sets these to a small model folder and a few samples.
+TOK=${GPU_CHECK_TOKENIZER:-.gpu/tokenizer} M7=${GPU_CHECK_MODEL:-qwen2-7b} M8=${GPU_CHECK_MODEL2:-llama3-8b}
+SAMPLES=${GPU_CHECK_SAMPLES:-256}
+step train_qwen2-7b 200 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 4 --accum 4 \
+  --steps 3 --warmup 1 --rounds 2 --configs "baseline;project;project:liger_kernel=off"
+step generate_qwen2-7b 60 python3 -m ironman_nb.bench generate --model $M7 --tokenizer $TOK --prompts 8 --new-tokens 64 --batch 8
+step train_qwen2-7b_4bit 120 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --quantization 4bit \
+  --batch 2 --accum 8 --steps 2 --warmup 1 --rounds 1 --configs project --scratch /tmp
+step pipeline 90 python3 scripts/gpu_pipeline.py --zero3 --tokenizer $TOK --run-dir /tmp/gpu_run --samples $SAMPLES
+step train_llama3-8b 100 python3 -m ironman_nb.bench train --model $M8 --tokenizer $TOK --batch 4 --accum 4 \
+  --steps 3 --warmup 1 --rounds 1 --configs "baseline;project"
+echo "gpu_check finished in $(( $(date +%s) - started )) s" | tee -a "$OUT/env.txt"

@@ -104,6 +104,36 @@ def test_cpu_fast_path():
         choose_fast_path(TrainConfig(shared_prefix="on", padding_free="on"), "cpu")
 
 
+def test_liger_kernels_are_for_cuda_only():
+    from ironman_nb.config import ConfigError
+
+    assert choose_fast_path(TrainConfig(), "cpu").liger_kernel is False  # installed here, but Triton needs a GPU
+    with pytest.raises(ConfigError, match="liger_kernel.*CUDA"):
+        choose_fast_path(TrainConfig(liger_kernel="on"), "cpu")
+
+
+def test_liger_kernels_patch_only_the_given_model(tiny_model_dir):
+    """Liger's fused RMSNorm and SwiGLU replace this instance's forwards; the loss and other models stay as they were."""
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    from ironman_nb.train import apply_liger_kernels
+
+    module_before = dict(vars(modeling_llama))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert apply_liger_kernels(model) is True
+    layer = model.model.layers[0]
+    assert layer.mlp.forward.__func__ is LigerSwiGLUMLP.forward
+    assert layer.input_layernorm.forward.__func__ is LigerRMSNorm.forward
+    assert model.model.norm.forward.__func__ is LigerRMSNorm.forward
+    assert "forward" not in vars(model)  # no fused loss: the project's loss (logits at labelled positions) stays
+    assert "forward" not in vars(other.model.layers[0].mlp) and "forward" not in vars(other.model.norm)
+    assert {k: v for k, v in vars(modeling_llama).items() if module_before.get(k) is not v} == {}
+
+
 def test_train_writes_adapter_state_and_config(tmp_path, tiny_model_dir):
     result = train(tiny_cfg(tmp_path, tiny_model_dir))
     out = tmp_path / "adapter"
