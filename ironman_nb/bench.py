@@ -19,6 +19,7 @@ import dataclasses
 import gc
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -169,8 +170,13 @@ class BenchArgs:
     configs: tuple[str, ...] = ("baseline", "project")
     quantization: str = "none"
     scratch: str = ""
+    # Each run in a fresh Python process: "auto" does so on a GPU, where runs in one process disturbed each
+    # other (a later TRL-defaults run showed the previous run's peak memory and ran 20 % faster).
+    isolate: str = "auto"
 
     def __post_init__(self):
+        if self.isolate not in ("auto", "on", "off"):
+            raise ValueError(f"BenchArgs.isolate: 'auto', 'on' or 'off' (got {self.isolate!r})")
         for name in self.configs:
             if name != "baseline":
                 project_overrides(name)  # fails early on a misspelt field or value
@@ -186,14 +192,14 @@ def project_overrides(name: str) -> dict:
     return overrides
 
 
-def _run_once(kind: str, args: BenchArgs, device: str, precision: str, records: list[dict], n_params: list) -> dict:
+def _run_once(kind: str, args: BenchArgs, device: str, precision: str, records: list[dict]) -> dict:
     import torch
     from datasets import Dataset
     from trl import SFTConfig
 
     scratch = Path(args.scratch) if args.scratch else None
     model, tokenizer = load_bench_model(args.model, device, precision, args.tokenizer, args.quantization, scratch)
-    n_params[:] = [sum(p.numel() for p in model.parameters())]
+    n_params = sum(p.numel() for p in model.parameters())
     total_steps = args.warmup + args.steps
     timer = _step_timer(args.warmup, device)
     cfg = TrainConfig(base_model=args.model if args.model not in SHAPES else EMBEDDED_MODEL, max_steps=total_steps,
@@ -226,7 +232,7 @@ def _run_once(kind: str, args: BenchArgs, device: str, precision: str, records: 
     tokens = timer.end_tokens - timer.start_tokens
     result = {"config": kind, "model": args.model, "device": device, "precision": precision,
               "tokens_per_s": round(tokens / seconds, 1), "tokens": tokens, "seconds": round(seconds, 2),
-              "steps_timed": args.steps, "peak_memory_gib": round(peak / 2**30, 2)}
+              "steps_timed": args.steps, "peak_memory_gib": round(peak / 2**30, 2), "parameters": n_params}
     result["fast_path"] = {"gradient_checkpointing": trainer.args.activation_checkpointing,
                            "padding_free": trainer.args.padding_free,
                            "shared_prefix": isinstance(trainer.data_collator, SharedPrefixCollator),
@@ -257,42 +263,73 @@ def matmul_tflops(device: str) -> float | None:
     return 2 * 8192**3 * runs / (time.perf_counter() - start) / 1e12
 
 
+def _run_isolated(kind: str, args: BenchArgs, device: str, precision: str) -> dict:
+    """`_run_once` in a fresh Python process (same interpreter and environment); its log goes to our stderr."""
+    payload = json.dumps({"kind": kind, "args": dataclasses.asdict(args), "device": device, "precision": precision})
+    code = "import sys; from ironman_nb.bench import run_one_main; sys.exit(run_one_main(sys.argv[1]))"
+    process = subprocess.run([sys.executable, "-c", code, payload], stdout=subprocess.PIPE, text=True)
+    results = [line[len(RESULT_MARK):] for line in process.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if process.returncode != 0 or not results:
+        raise RuntimeError(f"the {kind!r} run exited with {process.returncode} (its log is above, on stderr)")
+    return json.loads(results[-1])
+
+
+RESULT_MARK = "BENCH_RESULT "
+
+
+def run_one_main(payload: str) -> int:
+    """Entry point of an isolated run: one `_run_once`, its result on one marked stdout line."""
+    spec = json.loads(payload)
+    args = BenchArgs(**{**spec["args"], "configs": tuple(spec["args"]["configs"])})
+    records = bench_records(args.batch * args.accum * (args.warmup + args.steps))
+    result = _run_once(spec["kind"], args, spec["device"], spec["precision"], records)
+    print(RESULT_MARK + json.dumps(result, ensure_ascii=False), flush=True)
+    return 0
+
+
 def bench_train(args: BenchArgs, emit=print) -> dict:
     """Each of `args.configs` once per round, alternating; one JSON line per run, then a summary line."""
     from .models import resolve_device, resolve_precision
 
     device = resolve_device()
     precision = resolve_precision("auto", device)
+    isolate = args.isolate == "on" or (args.isolate == "auto" and device == "cuda")
     records = bench_records(args.batch * args.accum * (args.warmup + args.steps))
-    n_params: list = []
     runs: dict[str, list] = {name: [] for name in args.configs}
     with tempfile.TemporaryDirectory(dir=args.scratch or None) as scratch:
         run_args = dataclasses.replace(args, scratch=scratch)
         for round_index in range(args.rounds):
             for name in args.configs:
                 try:
-                    result = _run_once(name, run_args, device, precision, records, n_params)
+                    if isolate:
+                        result = _run_isolated(name, run_args, device, precision)
+                    else:
+                        result = _run_once(name, run_args, device, precision, records)
                 except Exception as err:  # one configuration failing must not lose the others' numbers
                     result = {"config": name, "model": args.model, "error": f"{type(err).__name__}: {err}"[:600]}
                     gc.collect()
-                result["round"] = round_index
+                result.update(round=round_index, isolated=isolate)
                 runs[name].append(result)
                 emit(json.dumps(result, ensure_ascii=False))
-    speed = {name: round(statistics.median(r["tokens_per_s"] for r in rs), 1)
-             for name, rs in runs.items() if rs and all("tokens_per_s" in r for r in rs)}
+    ok = {name: [r for r in rs if "tokens_per_s" in r] for name, rs in runs.items()}
+    parameters = next((r["parameters"] for rs in ok.values() for r in rs), None)
     summary = {"summary": "train", "model": args.model, "device": device, "quantization": args.quantization,
-               "parameters": n_params[0] if n_params else None}
-    for name, value in speed.items():
-        summary[f"{name}_tokens_per_s"] = value
-        summary[f"{name}_peak_memory_gib"] = max(r["peak_memory_gib"] for r in runs[name])
+               "parameters": parameters}
+    speed = {}
+    for name, rs in ok.items():
+        if rs:
+            speed[name] = round(statistics.median(r["tokens_per_s"] for r in rs), 1)
+            summary[f"{name}_tokens_per_s"] = speed[name]
+            summary[f"{name}_tokens_per_s_range"] = [min(r["tokens_per_s"] for r in rs), max(r["tokens_per_s"] for r in rs)]
+            summary[f"{name}_peak_memory_gib"] = max(r["peak_memory_gib"] for r in rs)
     if "baseline" in speed:
         for name in speed:
             if name != "baseline":
                 key = "ratio" if name == "project" else f"{name}_ratio"
                 summary[key] = round(speed[name] / speed["baseline"], 2)
     peak = matmul_tflops(device)
-    if peak and n_params:
-        limit = peak * 1e12 / (4 * n_params[0])
+    if peak and parameters:
+        limit = peak * 1e12 / (4 * parameters)
         summary.update(matmul_tflops=round(peak, 1), limit_tokens_per_s=round(limit))
         for name, value in speed.items():
             summary[f"{name}_fraction_of_4N"] = round(value / limit, 3)
@@ -368,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="runs per round, ';'-separated: baseline, project, project:field=value,… (ablations)")
     train_p.add_argument("--quantization", default="none", choices=("none", "4bit"))
     train_p.add_argument("--scratch", default="", help="folder for a 4-bit random shape's weights (default: temp)")
+    train_p.add_argument("--isolate", default="auto", choices=("auto", "on", "off"),
+                         help="each run in a fresh process (auto: on a GPU)")
     gen_p = sub.add_parser("generate", help="batched generation vs one prompt at a time")
     gen_p.add_argument("--model", default=EMBEDDED_MODEL)
     gen_p.add_argument("--prompts", type=int, default=8)
@@ -381,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_prepare(ns.rows)
     elif ns.command == "train":
         bench_train(BenchArgs(ns.model, ns.steps, ns.warmup, ns.batch, ns.accum, ns.rounds, ns.max_length, ns.lora_r,
-                              ns.tokenizer, tuple(c for c in ns.configs.split(";") if c), ns.quantization, ns.scratch))
+                              ns.tokenizer, tuple(c for c in ns.configs.split(";") if c), ns.quantization, ns.scratch,
+                              ns.isolate))
     else:
         bench_generate(ns.model, ns.prompts, ns.new_tokens, ns.batch, tokenizer_name=ns.tokenizer)
     return 0

@@ -67,12 +67,14 @@ def choose_fast_path(cfg: TrainConfig, device: str, n_parameters: int | None = N
     else:
         checkpointing = cfg.gradient_checkpointing == "on"
     attn = attention_implementation(device)
-    # The shared system-turn prefix needs padded rows and a KV cache (no checkpointing); with the persona
-    # prompt at ~45 % of each sample it saves more than packing does.
+    # The shared system-turn prefix needs padded rows and a KV cache (no checkpointing). On a CPU, where time
+    # follows FLOPs, it saves more than packing (the persona prompt is ~45 % of each sample). On an H100 it ran
+    # slower than plain padded rows (3,200-3,400 vs 5,039 tokens/s, Qwen2-7B shape; README, Speed): the batch-1
+    # prefix pass, the cache copies and the masked attention cost more there than the FLOPs saved.
     if cfg.shared_prefix == "auto":
         # Two forward calls per backward (prefix, then samples) are not for DDP / ZeRO gradient hooks.
-        shared_prefix = (not checkpointing and cfg.per_device_train_batch_size >= 2 and cfg.padding_free != "on"
-                         and world_size == 1)
+        shared_prefix = (device != "cuda" and not checkpointing and cfg.per_device_train_batch_size >= 2
+                         and cfg.padding_free != "on" and world_size == 1)
     else:
         shared_prefix = cfg.shared_prefix == "on"
     if cfg.padding_free == "auto":

@@ -67,7 +67,14 @@ def main() -> int:
         eval_data=str(run / "data" / "eval.jsonl"), output_dir=str(run / "compare"), max_new_tokens=64,
         max_eval_samples=min(32, ns.samples), max_prompts=0 if ns.samples >= 64 else 2)))
     stage("06_push_to_hub", lambda: push_to_hub(PushConfig(model_dir=str(run / "merged"))))
-    zero3 = None
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    # Printed before the ZeRO-3 part, so that a failure there keeps the six stages' results.
+    print(json.dumps({"summary": "gpu_pipeline", "device": device, "seconds": timings, "train": trained.run_config["result"],
+                      "resolved": {k: trained.run_config["resolved"][k] for k in (
+                          "device", "precision", "gradient_checkpointing", "padding_free", "shared_prefix", "liger_kernel",
+                          "attn_implementation")},
+                      "merge_checks": merged.checks,
+                      "eval_nll": [compared.metrics["before"]["eval_nll"], compared.metrics["after"]["eval_nll"]]}), flush=True)
     if ns.zero3:
         # The same training under the deepspeed launcher with ZeRO-3 on this one GPU: the adapter must come out whole.
         zero3 = stage("02_train_lora (deepspeed ZeRO-3)", lambda: train(TrainConfig(
@@ -75,15 +82,10 @@ def main() -> int:
             max_train_samples=64, max_eval_samples=8, per_device_train_batch_size=4, gradient_accumulation_steps=2,
             learning_rate=5e-4, logging_steps=1, save_steps=100, eval_steps=0, launcher="deepspeed", num_processes=1,
             deepspeed_config=str(ROOT / "configs" / "ds_zero3.json"))))
-        stage("04_merge_lora (ZeRO-3 adapter)", lambda: merge(MergeConfig(
+        merged_zero3 = stage("04_merge_lora (ZeRO-3 adapter)", lambda: merge(MergeConfig(
             base_model=str(base), adapter_dir=str(run / "adapter_zero3"), output_dir=str(run / "merged_zero3"))))
-    print(json.dumps({"summary": "gpu_pipeline", "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                      "seconds": timings, "train": trained.run_config["result"], "resolved": {
-                          k: trained.run_config["resolved"][k] for k in ("device", "precision", "gradient_checkpointing",
-                                                                          "padding_free", "shared_prefix", "attn_implementation")},
-                      "merge_checks": merged.checks,
-                      "eval_nll": [compared.metrics["before"]["eval_nll"], compared.metrics["after"]["eval_nll"]],
-                      "zero3": zero3.run_config["result"] if zero3 else None}))
+        print(json.dumps({"summary": "gpu_pipeline_zero3", "device": device, "train": zero3.run_config["result"],
+                          "merge_checks": merged_zero3.checks}), flush=True)
     return 0
 
 

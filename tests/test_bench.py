@@ -11,11 +11,12 @@ def test_bench_records_are_the_shipped_persona_rows():
 
 
 def test_train_benchmark_alternates_baseline_and_project(tiny_model_dir):
+    """Each run in its own process (as on a GPU), results handed back to this one."""
     lines = []
-    summary = bench_train(BenchArgs(model=str(tiny_model_dir), steps=2, warmup=1, batch=2, rounds=1, max_length=512),
-                          emit=lines.append)
+    summary = bench_train(BenchArgs(model=str(tiny_model_dir), steps=2, warmup=1, batch=2, rounds=1, max_length=512,
+                                    isolate="on"), emit=lines.append)
     runs = [json.loads(line) for line in lines[:-1]]
-    assert [r["config"] for r in runs] == ["baseline", "project"]
+    assert [(r["config"], r["isolated"]) for r in runs] == [("baseline", True), ("project", True)]
     assert runs[0]["fast_path"]["gradient_checkpointing"] is True  # TRL's default, kept in the baseline
     assert runs[1]["fast_path"]["shared_prefix"] is True
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in runs)
