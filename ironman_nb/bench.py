@@ -1,4 +1,4 @@
-"""Speed benchmarks, measured side by side in one process.
+"""Speed benchmarks, measured side by side in one command (on a GPU each training run in its own process).
 
     python -m ironman_nb.bench train    [--model embedded|qwen2-7b|llama3-8b|PATH] [--steps N] [--configs ...]
                                         [--quantization 4bit] ...
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                           ("lora-r", 8)):
         train_p.add_argument(f"--{name}", type=int, default=default)
     train_p.add_argument("--tokenizer", default=EMBEDDED_MODEL, help="tokenizer for a random-weight shape")
-    train_p.add_argument("--configs", default="baseline,project",
+    train_p.add_argument("--configs", default="baseline;project",
                          help="runs per round, ';'-separated: baseline, project, project:field=value,… (ablations)")
     train_p.add_argument("--quantization", default="none", choices=("none", "4bit"))
     train_p.add_argument("--scratch", default="", help="folder for a 4-bit random shape's weights (default: temp)")

@@ -10,11 +10,14 @@ def test_bench_records_are_the_shipped_persona_rows():
     assert records[0]["messages"][0]["role"] == "system" and records[0]["messages"][-1]["role"] == "assistant"
 
 
-def test_train_benchmark_alternates_baseline_and_project(tiny_model_dir):
-    """Each run in its own process (as on a GPU), results handed back to this one."""
-    lines = []
-    summary = bench_train(BenchArgs(model=str(tiny_model_dir), steps=2, warmup=1, batch=2, rounds=1, max_length=512,
-                                    isolate="on"), emit=lines.append)
+def test_train_benchmark_alternates_baseline_and_project(tiny_model_dir, capsys):
+    """The command line with its default configs; each run in its own process (as on a GPU)."""
+    from ironman_nb.bench import main
+
+    assert main(["train", "--model", str(tiny_model_dir), "--steps", "2", "--warmup", "1", "--batch", "2",
+                 "--rounds", "1", "--max-length", "512", "--isolate", "on"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('{"')]
+    summary = json.loads(lines[-1])
     runs = [json.loads(line) for line in lines[:-1]]
     assert [(r["config"], r["isolated"]) for r in runs] == [("baseline", True), ("project", True)]
     assert runs[0]["fast_path"]["gradient_checkpointing"] is True  # TRL's default, kept in the baseline
