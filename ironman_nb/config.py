@@ -203,6 +203,7 @@ class TrainConfig(StageConfig):
     padding_free: str = "auto"
     shared_prefix: str = "auto"
     liger_kernel: str = "auto"
+    token_metrics: bool = False
     quantization: str = "none"
     seed: int = 42
     resume: str = "auto"

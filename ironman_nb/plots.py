@@ -16,6 +16,8 @@ SERIES = {
     "grad_norm": ("gradient norm", "grad norm"),
     "learning_rate": ("learning rate", "learning rate"),
     "eval_loss": ("held-out loss", "eval loss"),
+    # Logged with token_metrics=True in notebook 02, and by TRL's own SFTTrainer by default.
+    "mean_token_accuracy": ("answer-token top-1 accuracy", "accuracy"),
 }
 
 
@@ -139,7 +141,7 @@ class PlotResult:
 
 
 def plot_training(cfg: PlotConfig) -> PlotResult:
-    """Write training_{loss,grad_norm,learning_rate,eval_loss}.png (those with data) and training_curves.png."""
+    """Write training_<series>.png for each series in SERIES that has data, and training_curves.png."""
     history = load_log_history(cfg.trainer_state)
     out = Path(cfg.output_dir)
     files, figures = {}, {}

@@ -238,14 +238,29 @@ def _sft_trainer_class():
         - Logits only where labels are kept: TRL's loss also computes entropy and top-1 accuracy over the full
           vocabulary at every labelled position; with a 49k–152k vocabulary those extras cost.
         - A shared prefix (SharedPrefixCollator) runs once per batch; its cache is repeated for every sample.
+        - Entropy and token accuracy are logged only with `token_metrics=True`.
         """
 
         loss_is_scaled_for_ga = True  # the loss below is divided by the tokens of the whole accumulated batch
 
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args, token_metrics: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
             self.model_accepts_loss_kwargs = True  # so Trainer counts num_items_in_batch for us
             self.real_tokens_seen = 0
+            self.token_metrics = token_metrics
+
+        @torch.no_grad()
+        def _log_token_metrics(self, logits, targets, mode: str) -> None:
+            """TRL's per-step entropy and top-1 accuracy at the answer positions (a full-vocabulary pass each)."""
+            valid = targets != -100
+            log_probs = logits[valid].log_softmax(-1)
+            entropy = -(log_probs.exp() * log_probs).sum(-1).sum()
+            correct = (logits[valid].argmax(-1) == targets[valid]).sum()
+            gather = self.accelerator.gather_for_metrics
+            count = gather(valid.sum()).sum()
+            if count > 0:
+                self._metrics[mode]["entropy"].append((gather(entropy).sum() / count).item())
+                self._metrics[mode]["mean_token_accuracy"].append((gather(correct).sum() / count).item())
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels")
@@ -270,6 +285,8 @@ def _sft_trainer_class():
             loss_sum = F.cross_entropy(
                 logits.reshape(-1, logits.size(-1)), kept_targets.reshape(-1), ignore_index=-100, reduction="sum"
             )
+            if self.token_metrics:
+                self._log_token_metrics(logits.detach(), kept_targets, "train" if model.training else "eval")
             count = num_items_in_batch if num_items_in_batch is not None else (kept_targets != -100).sum()
             loss = loss_sum / torch.as_tensor(count, device=loss_sum.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -477,6 +494,7 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
         data_collator=SharedPrefixCollator(tokenizer.pad_token_id) if fast.shared_prefix else None,
+        token_metrics=cfg.token_metrics,
         callbacks=[stop_on_nonfinite, _progress_log_callback(), on_terminate] + list(extra_callbacks),
     )
     return TrainerSetup(trainer, fast, train_records, len(train_ds), len(eval_ds) if eval_ds is not None else 0,

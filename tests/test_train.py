@@ -104,6 +104,35 @@ def test_cpu_fast_path():
         choose_fast_path(TrainConfig(shared_prefix="on", padding_free="on"), "cpu")
 
 
+@pytest.mark.parametrize("token_metrics", [False, True])
+def test_token_metrics_only_when_asked(tmp_path, tiny_model_dir, token_metrics):
+    """Entropy and top-1 accuracy at the answer positions are logged only with token_metrics=True, and then
+    equal what the full logits give."""
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    trainer = build_trainer(tiny_cfg(tmp_path, tiny_model_dir, token_metrics=token_metrics)).trainer
+    samples = [trainer.train_dataset[i] for i in range(3)]
+    trainer.model.train()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, dict(trainer.data_collator(samples)))
+    logged = dict(trainer._metrics["train"])
+    if not token_metrics:
+        assert "entropy" not in logged and "mean_token_accuracy" not in logged
+        return
+    plain = DataCollatorForLanguageModeling(pad_token_id=trainer.processing_class.pad_token_id)(samples)
+    with torch.no_grad():
+        logits = trainer.model(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"],
+                               use_cache=False).logits[:, :-1].float()
+    targets = plain["labels"][:, 1:]
+    valid = targets != -100
+    log_probs = logits[valid].log_softmax(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1).mean().item()
+    accuracy = (logits[valid].argmax(-1) == targets[valid]).float().mean().item()
+    assert logged["entropy"] == [pytest.approx(entropy, rel=1e-5)]
+    assert logged["mean_token_accuracy"] == [pytest.approx(accuracy, abs=1e-6)]
+
+
 def test_cuda_fast_path():
     """On a GPU: padded rows, no checkpointing while memory allows, Liger when installed (no shared prefix:
     it measured slower there); the 4-bit profile checkpoints and keeps Liger off."""
