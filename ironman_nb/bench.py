@@ -9,8 +9,9 @@
 TRL's default bf16, which ran ~100x slower there), alternating, each after warm-up steps. It prints one
 JSON line per run and a final line with `ratio` = project tokens/s ÷ baseline tokens/s. Tokens are real
 tokens (padding not counted). The data is the shipped persona set with its system prompt, as users train it.
-`--configs "baseline;project;project:liger_kernel=off"` adds ablations of the project path (any TrainConfig
-field); `--configs project --quantization 4bit` measures the 24 GB profile alone (peak memory).
+`--configs "baseline;baseline:gradient_checkpointing=false;project;project:liger_kernel=off"` adds ablations
+(SFTConfig fields for the baseline, TrainConfig fields for the project path); `--configs project
+--quantization 4bit` measures the 24 GB profile alone (peak memory).
 """
 from __future__ import annotations
 
@@ -166,7 +167,8 @@ class BenchArgs:
     lora_r: int = 8
     tokenizer: str = EMBEDDED_MODEL
     # Runs in each round: "baseline" (TRL defaults), "project" (TrainConfig defaults, i.e. the fast path `auto`
-    # picks), and "project:NAME=VALUE,…" (the project path with TrainConfig fields overridden, for ablations).
+    # picks), and for ablations "project:NAME=VALUE,…" (TrainConfig fields overridden) or
+    # "baseline:NAME=VALUE,…" (SFTConfig fields overridden, e.g. baseline:gradient_checkpointing=false).
     configs: tuple[str, ...] = ("baseline", "project")
     quantization: str = "none"
     scratch: str = ""
@@ -178,21 +180,44 @@ class BenchArgs:
         if self.isolate not in ("auto", "on", "off"):
             raise ValueError(f"BenchArgs.isolate: 'auto', 'on' or 'off' (got {self.isolate!r})")
         for name in self.configs:
-            if name != "baseline":
-                project_overrides(name)  # fails early on a misspelt field or value
+            parse_config(name)  # fails early on a misspelt kind, or a project field or value
 
 
-def project_overrides(name: str) -> dict:
-    """TrainConfig overrides of a run named "project" or "project:field=value,…"."""
+def _literal(text: str):
+    """A command-line value as Python: true/false/none, a number, or the text itself."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_config(name: str) -> tuple[str, dict]:
+    """("baseline" | "project", overrides) of a run named kind or "kind:field=value,…".
+
+    Project overrides are TrainConfig parameters (validated here); baseline overrides are SFTConfig fields
+    (checked when the run builds its SFTConfig)."""
     kind, _, spec = name.partition(":")
-    if kind != "project":
-        raise ValueError(f"bench config {name!r}: use baseline, project or project:field=value,…")
-    overrides = dict(item.split("=", 1) for item in spec.split(",") if item)
-    TrainConfig.from_params(**overrides)  # validates names and values
-    return overrides
+    if kind not in ("baseline", "project"):
+        raise ValueError(f"bench config {name!r}: use baseline, project, or either with :field=value,…")
+    items = [item.split("=", 1) for item in spec.split(",") if item]
+    if any(len(item) != 2 for item in items):
+        raise ValueError(f"bench config {name!r}: overrides are field=value, separated by commas")
+    if kind == "project":
+        overrides = dict(items)
+        TrainConfig.from_params(**overrides)  # validates names and values
+    else:
+        overrides = {key: _literal(value) for key, value in items}
+    return kind, overrides
 
 
-def _run_once(kind: str, args: BenchArgs, device: str, precision: str, records: list[dict]) -> dict:
+def _run_once(name: str, args: BenchArgs, device: str, precision: str, records: list[dict]) -> dict:
     import torch
     from datasets import Dataset
     from trl import SFTConfig
@@ -206,18 +231,20 @@ def _run_once(kind: str, args: BenchArgs, device: str, precision: str, records: 
                       per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.accum,
                       lora_r=args.lora_r, lora_alpha=2 * args.lora_r, max_length=args.max_length, logging_steps=1,
                       save_steps=10**6, eval_steps=0, warmup_ratio=0.0, quantization=args.quantization)
+    kind, overrides = parse_config(name)
     with tempfile.TemporaryDirectory() as tmp:
-        if kind != "baseline":
-            cfg = TrainConfig.from_params(**{**cfg.to_dict(), **project_overrides(kind), "output_dir": str(Path(tmp) / "adapter")})
+        if kind == "project":
+            cfg = TrainConfig.from_params(**{**cfg.to_dict(), **overrides, "output_dir": str(Path(tmp) / "adapter")})
             setup = build_trainer(cfg, model=model, tokenizer=tokenizer, records=(records, []), extra_callbacks=[timer])
             trainer, fast = setup.trainer, setup.fast
         else:
-            # Exactly TRL's defaults but for precision on a CPU: same LoRA, batch, steps and data.
+            # Exactly TRL's defaults but for precision on a CPU (and any overrides named): same LoRA, batch, steps
+            # and data.
             dataset = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in records])
             sft_args = SFTConfig(output_dir=tmp, max_steps=total_steps, per_device_train_batch_size=args.batch,
                                  gradient_accumulation_steps=args.accum, logging_steps=1, save_strategy="no",
                                  report_to="none", max_length=args.max_length,
-                                 **({} if device == "cuda" else {"bf16": False, "use_cpu": True}))
+                                 **({} if device == "cuda" else {"bf16": False, "use_cpu": True}), **overrides)
             trainer = _counting_baseline_class()(model=model, args=sft_args, train_dataset=dataset,
                                                  processing_class=tokenizer, peft_config=lora_config(cfg),
                                                  callbacks=[timer])
@@ -230,7 +257,7 @@ def _run_once(kind: str, args: BenchArgs, device: str, precision: str, records: 
         peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak
     seconds = timer.end_time - timer.start_time
     tokens = timer.end_tokens - timer.start_tokens
-    result = {"config": kind, "model": args.model, "device": device, "precision": precision,
+    result = {"config": name, "model": args.model, "device": device, "precision": precision,
               "tokens_per_s": round(tokens / seconds, 1), "tokens": tokens, "seconds": round(seconds, 2),
               "steps_timed": args.steps, "peak_memory_gib": round(peak / 2**30, 2), "parameters": n_params}
     result["fast_path"] = {"gradient_checkpointing": trainer.args.activation_checkpointing,
@@ -263,14 +290,14 @@ def matmul_tflops(device: str) -> float | None:
     return 2 * 8192**3 * runs / (time.perf_counter() - start) / 1e12
 
 
-def _run_isolated(kind: str, args: BenchArgs, device: str, precision: str) -> dict:
+def _run_isolated(name: str, args: BenchArgs, device: str, precision: str) -> dict:
     """`_run_once` in a fresh Python process (same interpreter and environment); its log goes to our stderr."""
-    payload = json.dumps({"kind": kind, "args": dataclasses.asdict(args), "device": device, "precision": precision})
+    payload = json.dumps({"name": name, "args": dataclasses.asdict(args), "device": device, "precision": precision})
     code = "import sys; from ironman_nb.bench import run_one_main; sys.exit(run_one_main(sys.argv[1]))"
     process = subprocess.run([sys.executable, "-c", code, payload], stdout=subprocess.PIPE, text=True)
     results = [line[len(RESULT_MARK):] for line in process.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if process.returncode != 0 or not results:
-        raise RuntimeError(f"the {kind!r} run exited with {process.returncode} (its log is above, on stderr)")
+        raise RuntimeError(f"the {name!r} run exited with {process.returncode} (its log is above, on stderr)")
     return json.loads(results[-1])
 
 
@@ -282,7 +309,7 @@ def run_one_main(payload: str) -> int:
     spec = json.loads(payload)
     args = BenchArgs(**{**spec["args"], "configs": tuple(spec["args"]["configs"])})
     records = bench_records(args.batch * args.accum * (args.warmup + args.steps))
-    result = _run_once(spec["kind"], args, spec["device"], spec["precision"], records)
+    result = _run_once(spec["name"], args, spec["device"], spec["precision"], records)
     print(RESULT_MARK + json.dumps(result, ensure_ascii=False), flush=True)
     return 0
 
@@ -402,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         train_p.add_argument(f"--{name}", type=int, default=default)
     train_p.add_argument("--tokenizer", default=EMBEDDED_MODEL, help="tokenizer for a random-weight shape")
     train_p.add_argument("--configs", default="baseline;project",
-                         help="runs per round, ';'-separated: baseline, project, project:field=value,… (ablations)")
+                         help="runs per round, ';'-separated: baseline, project, or either with :field=value,… (ablations)")
     train_p.add_argument("--quantization", default="none", choices=("none", "4bit"))
     train_p.add_argument("--scratch", default="", help="folder for a 4-bit random shape's weights (default: temp)")
     train_p.add_argument("--isolate", default="auto", choices=("auto", "on", "off"),

@@ -36,7 +36,7 @@ def test_generate_benchmark_checks_outputs_match(tiny_model_dir):
 
 
 def test_train_benchmark_runs_ablations_and_a_4bit_random_shape(monkeypatch, tmp_path):
-    """`--configs project;project:field=value --quantization 4bit` on a random shape: written once, loaded in NF4."""
+    """`--configs` ablations of both paths with `--quantization 4bit` on a random shape: written once, loaded in NF4."""
     import pytest
 
     from ironman_nb import bench
@@ -47,16 +47,18 @@ def test_train_benchmark_runs_ablations_and_a_4bit_random_shape(monkeypatch, tmp
         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048, rope_theta=1e4,
         tie_word_embeddings=False, rms_norm_eps=1e-5))
     lines = []
+    configs = ("project", "project:gradient_checkpointing=off", "baseline:gradient_checkpointing=false")
     summary = bench_train(BenchArgs(model="tiny", steps=1, warmup=1, batch=2, rounds=1, max_length=512,
-                                    configs=("project", "project:gradient_checkpointing=off"), quantization="4bit",
-                                    scratch=str(tmp_path)), emit=lines.append)
+                                    configs=configs, quantization="4bit", scratch=str(tmp_path)), emit=lines.append)
     runs = [json.loads(line) for line in lines[:-1]]
-    assert [r["config"] for r in runs] == ["project", "project:gradient_checkpointing=off"]
-    # The 4-bit profile checkpoints (so no shared prefix); the override turns that off and the prefix on.
+    assert [r["config"] for r in runs] == list(configs)
+    # The 4-bit profile checkpoints (so no shared prefix); the overrides turn that off, in either path.
     assert [(r["fast_path"]["gradient_checkpointing"], r["fast_path"]["shared_prefix"]) for r in runs] == [
-        (True, False), (False, True)]
+        (True, False), (False, True), (False, False)]
     assert all(r["fast_path"]["quantization"] == "4bit" and r["tokens"] > 0 for r in runs)
     assert "ratio" not in summary and summary["project:gradient_checkpointing=off_tokens_per_s"] > 0
     assert list(tmp_path.iterdir()) == []  # the random weights lived in a temporary folder inside scratch
     with pytest.raises(ConfigError, match="no_such_field"):
         BenchArgs(configs=("project:no_such_field=1",))
+    with pytest.raises(ValueError, match="field=value"):
+        BenchArgs(configs=("baseline:gradient_checkpointing",))
