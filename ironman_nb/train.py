@@ -506,65 +506,70 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.launcher != "none" and not launched():
         return run_launched(cfg, resolve_precision(cfg.precision, resolve_device()))
     setup = build_trainer(cfg)
-    trainer, fast, checkpoint_dir = setup.trainer, setup.fast, setup.checkpoint_dir
-    stop_on_nonfinite, train_records = setup.stop_on_nonfinite, setup.train_records
-    output_dir = Path(cfg.output_dir)
-    if trainer.is_world_process_zero():
-        set_aside_foreign_checkpoints(cfg, checkpoint_dir)
-    trainer.accelerator.wait_for_everyone()
-    resume_from = find_resume_checkpoint(checkpoint_dir, cfg.resume)
-    do_eval = setup.eval_samples > 0
-    tokenizer = trainer.processing_class
-    started = time.perf_counter()
-    with _sigterm_sets(setup.on_terminate):
-        output = trainer.train(resume_from_checkpoint=resume_from)
-    runtime = time.perf_counter() - started
-    if stop_on_nonfinite.bad:
-        error = (f"training stopped: non-finite value {stop_on_nonfinite.bad}; the last good checkpoint in "
-                 f"{checkpoint_dir} is kept. Lower learning_rate, or use precision='fp32' / 'bf16' instead of fp16.")
-        # Marks the run failed: merge and upload refuse it (the runner also records it in status.json).
+    try:
+        trainer, fast, checkpoint_dir = setup.trainer, setup.fast, setup.checkpoint_dir
+        stop_on_nonfinite, train_records = setup.stop_on_nonfinite, setup.train_records
+        output_dir = Path(cfg.output_dir)
         if trainer.is_world_process_zero():
-            atomic_write_json(output_dir / "run_config.json", {"config": cfg.to_dict(), "failed": True, "error": error,
-                                                              "result": {"global_step": trainer.state.global_step}})
-        raise NonFiniteTrainingError(error)
-    if setup.on_terminate.requested:
-        raise TrainingInterrupted(
-            f"SIGTERM: stopped at step {trainer.state.global_step} after saving {checkpoint_dir}/checkpoint-"
-            f"{trainer.state.global_step}; run again with resume='auto' to continue"
-        )
-    history = trainer.state.log_history
-    if do_eval and not any("eval_loss" in h and h.get("step") == trainer.state.global_step for h in history):
-        trainer.evaluate()  # the held-out loss after training, unless the last periodic eval already gave it
-    history = trainer.state.log_history
-    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+            set_aside_foreign_checkpoints(cfg, checkpoint_dir)
+        trainer.accelerator.wait_for_everyone()
+        resume_from = find_resume_checkpoint(checkpoint_dir, cfg.resume)
+        do_eval = setup.eval_samples > 0
+        tokenizer = trainer.processing_class
+        started = time.perf_counter()
+        with _sigterm_sets(setup.on_terminate):
+            output = trainer.train(resume_from_checkpoint=resume_from)
+        runtime = time.perf_counter() - started
+        if stop_on_nonfinite.bad:
+            error = (f"training stopped: non-finite value {stop_on_nonfinite.bad}; the last good checkpoint in "
+                     f"{checkpoint_dir} is kept. Lower learning_rate, or use precision='fp32' / 'bf16' instead of fp16.")
+            # Marks the run failed: merge and upload refuse it (the runner also records it in status.json).
+            if trainer.is_world_process_zero():
+                atomic_write_json(output_dir / "run_config.json", {"config": cfg.to_dict(), "failed": True, "error": error,
+                                                                  "result": {"global_step": trainer.state.global_step}})
+            raise NonFiniteTrainingError(error)
+        if setup.on_terminate.requested:
+            raise TrainingInterrupted(
+                f"SIGTERM: stopped at step {trainer.state.global_step} after saving {checkpoint_dir}/checkpoint-"
+                f"{trainer.state.global_step}; run again with resume='auto' to continue"
+            )
+        history = trainer.state.log_history
+        if do_eval and not any("eval_loss" in h and h.get("step") == trainer.state.global_step for h in history):
+            trainer.evaluate()  # the held-out loss after training, unless the last periodic eval already gave it
+        history = trainer.state.log_history
+        eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
 
-    eot = end_of_turn_token(tokenizer)
-    run_config = {
-        "config": cfg.to_dict(),
-        "resolved": {
-            **dataclasses.asdict(fast),
-            "base_model_path": resolve_model_path(cfg.base_model),
-            "base_model_hub_id": hub_id(cfg.base_model),
-            "quantization": cfg.quantization,
-            "end_of_turn_token": eot,
-            "system_prompt": train_records[0]["messages"][0]["content"] if train_records[0]["messages"][0]["role"] == "system" else None,
-            "train_samples": setup.train_samples,
-            "eval_samples": setup.eval_samples,
-            "resumed_from": resume_from,
-            "versions": _versions(),
-        },
-        "result": {
-            "global_step": trainer.state.global_step,
-            "train_loss": output.training_loss,
-            "eval_loss_before": eval_losses[0] if eval_losses else None,
-            "eval_loss_after": eval_losses[-1] if len(eval_losses) > 1 else None,
-            "train_runtime_s": round(runtime, 1),
-            "tokens_per_second": round(trainer.real_tokens_seen / runtime, 1) if runtime > 0 else None,
-            "peak_gpu_memory_gib": _peak_gpu_memory_gib(),
-        },
-    }
-    _save_final(trainer, output_dir, cfg, run_config)
-    return TrainResult(output_dir, run_config, history)
+        eot = end_of_turn_token(tokenizer)
+        run_config = {
+            "config": cfg.to_dict(),
+            "resolved": {
+                **dataclasses.asdict(fast),
+                "base_model_path": resolve_model_path(cfg.base_model),
+                "base_model_hub_id": hub_id(cfg.base_model),
+                "quantization": cfg.quantization,
+                "end_of_turn_token": eot,
+                "system_prompt": train_records[0]["messages"][0]["content"] if train_records[0]["messages"][0]["role"] == "system" else None,
+                "train_samples": setup.train_samples,
+                "eval_samples": setup.eval_samples,
+                "resumed_from": resume_from,
+                "versions": _versions(),
+            },
+            "result": {
+                "global_step": trainer.state.global_step,
+                "train_loss": output.training_loss,
+                "eval_loss_before": eval_losses[0] if eval_losses else None,
+                "eval_loss_after": eval_losses[-1] if len(eval_losses) > 1 else None,
+                "train_runtime_s": round(runtime, 1),
+                "tokens_per_second": round(trainer.real_tokens_seen / runtime, 1) if runtime > 0 else None,
+                "peak_gpu_memory_gib": _peak_gpu_memory_gib(),
+            },
+        }
+        _save_final(trainer, output_dir, cfg, run_config)
+        return TrainResult(output_dir, run_config, history)
+    finally:
+        # Drop the accelerator's references to model, optimizer and DeepSpeed engine, so that a second run in
+        # the same Jupyter kernel gets the memory back (accelerate's advice between two trainings).
+        setup.trainer.accelerator.free_memory()
 
 
 @contextlib.contextmanager
