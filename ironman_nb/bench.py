@@ -183,26 +183,11 @@ class BenchArgs:
             parse_config(name)  # fails early on a misspelt kind, or a project field or value
 
 
-def _literal(text: str):
-    """A command-line value as Python: true/false/none, a number, or the text itself."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_config(name: str) -> tuple[str, dict]:
     """("baseline" | "project", overrides) of a run named kind or "kind:field=value,…".
 
     Project overrides are TrainConfig parameters (validated here); baseline overrides are SFTConfig fields
-    (checked when the run builds its SFTConfig)."""
+    (checked when the run builds its SFTConfig), their values read as YAML like the runner's `-p` values."""
     kind, _, spec = name.partition(":")
     if kind not in ("baseline", "project"):
         raise ValueError(f"bench config {name!r}: use baseline, project, or either with :field=value,…")
@@ -213,7 +198,9 @@ def parse_config(name: str) -> tuple[str, dict]:
         overrides = dict(items)
         TrainConfig.from_params(**overrides)  # validates names and values
     else:
-        overrides = {key: _literal(value) for key, value in items}
+        import yaml
+
+        overrides = {key: yaml.safe_load(value) for key, value in items}
     return kind, overrides
 
 
@@ -446,9 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "prepare":
         bench_prepare(ns.rows)
     elif ns.command == "train":
-        bench_train(BenchArgs(ns.model, ns.steps, ns.warmup, ns.batch, ns.accum, ns.rounds, ns.max_length, ns.lora_r,
-                              ns.tokenizer, tuple(c for c in ns.configs.split(";") if c), ns.quantization, ns.scratch,
-                              ns.isolate))
+        bench_train(BenchArgs(model=ns.model, steps=ns.steps, warmup=ns.warmup, batch=ns.batch, accum=ns.accum,
+                              rounds=ns.rounds, max_length=ns.max_length, lora_r=ns.lora_r, tokenizer=ns.tokenizer,
+                              configs=tuple(c for c in ns.configs.split(";") if c), quantization=ns.quantization,
+                              scratch=ns.scratch, isolate=ns.isolate))
     else:
         bench_generate(ns.model, ns.prompts, ns.new_tokens, ns.batch, tokenizer_name=ns.tokenizer)
     return 0
