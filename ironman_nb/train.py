@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -187,12 +188,16 @@ def set_aside_foreign_checkpoints(cfg: TrainConfig, checkpoint_dir: Path) -> Non
 
 
 def common_prefix_length(sequences: list[list[int]]) -> int:
+    """How many leading tokens every sequence shares (slice comparisons: fast on a whole training set)."""
     first = sequences[0]
-    length = min(len(s) for s in sequences)
-    for i in range(length):
-        token = first[i]
-        if any(s[i] != token for s in sequences[1:]):
-            return i
+    length = len(first)
+    for seq in sequences[1:]:
+        n = min(length, len(seq))
+        if seq[:n] != first[:n]:
+            n = next(i for i in range(n) if seq[i] != first[i])
+        length = n
+        if not length:
+            break
     return length
 
 
@@ -200,12 +205,15 @@ def common_prefix_length(sequences: list[list[int]]) -> int:
 class SharedPrefixCollator:
     """Pad a batch of samples, splitting off the tokens every sample starts with (the persona system turn).
 
-    The prefix is run through the model once per batch and its keys/values reused by every sample, instead
-    of once per sample. It stops before the first labelled token, so no loss term changes.
+    The prefix is run through the model once per optimizer step and its keys/values reused by every sample,
+    instead of once per sample. It stops before the first labelled token, so no loss term changes. `max_prefix`
+    (the training set's common prefix) keeps it the same for every batch, so that micro-batches of one step can
+    share one prefix pass even where a batch's samples happen to share a few more tokens.
     """
 
     pad_token_id: int
     min_prefix: int = 16
+    max_prefix: int | None = None
 
     def __call__(self, examples: list[dict]) -> dict:
         import torch
@@ -214,6 +222,8 @@ class SharedPrefixCollator:
         labels = [list(e["labels"]) for e in examples]
         first_label = min(next((i for i, x in enumerate(row) if x != -100), len(row)) for row in labels)
         prefix = min(common_prefix_length(ids), first_label - 1, min(len(x) for x in ids) - 1)
+        if self.max_prefix is not None and self.max_prefix >= self.min_prefix:
+            prefix = min(prefix, self.max_prefix)
         if len(ids) < 2 or prefix < self.min_prefix:
             prefix = 0
         width = max(len(x) for x in ids) - prefix
@@ -227,6 +237,32 @@ class SharedPrefixCollator:
         return batch
 
 
+@dataclasses.dataclass
+class _HeldPrefix:
+    """One optimizer step's prefix pass: its keys/values with their graph, and the detached copies
+    (autograd leaves) that the step's micro-batches read. Gradients add up on the leaves and go back through
+    the prefix pass once, before the optimizer step."""
+
+    ids: Any
+    cache: Any  # the prefix pass's cache, its layers holding the leaves
+    outputs: list
+    leaves: list
+
+    def cache_for(self, batch: int):
+        """A fresh cache for one micro-batch: the leaves repeated per sample (the forward appends to it)."""
+        cache = copy.copy(self.cache)
+        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+        cache.batch_repeat_interleave(batch)
+        return cache
+
+    def backward(self) -> None:
+        import torch
+
+        pairs = [(out, leaf.grad) for out, leaf in zip(self.outputs, self.leaves) if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
+
+
 def _sft_trainer_class():
     import torch
     import torch.nn.functional as F
@@ -237,7 +273,8 @@ def _sft_trainer_class():
 
         - Logits only where labels are kept: TRL's loss also computes entropy and top-1 accuracy over the full
           vocabulary at every labelled position; with a 49k–152k vocabulary those extras cost.
-        - A shared prefix (SharedPrefixCollator) runs once per batch; its cache is repeated for every sample.
+        - A shared prefix (SharedPrefixCollator) runs once per optimizer step, however many micro-batches
+          the step accumulates; its cache is repeated for every sample.
         - Entropy and token accuracy are logged only with `token_metrics=True`.
         """
 
@@ -248,6 +285,8 @@ def _sft_trainer_class():
             self.model_accepts_loss_kwargs = True  # so Trainer counts num_items_in_batch for us
             self.real_tokens_seen = 0
             self.token_metrics = token_metrics
+            self.prefix_passes = 0  # forward passes of the shared prefix while training
+            self._held_prefix: _HeldPrefix | None = None
 
         @torch.no_grad()
         def _log_token_metrics(self, logits, targets, mode: str) -> None:
@@ -274,8 +313,11 @@ def _sft_trainer_class():
             else:
                 ids, mask = inputs["input_ids"], inputs["attention_mask"]
                 batch, width, prefix_tokens = ids.shape[0], ids.shape[1], prefix.numel()
-                cache = model(input_ids=prefix[None], use_cache=True, logits_to_keep=1).cache
-                cache.batch_repeat_interleave(batch)
+                if model.training and torch.is_grad_enabled():
+                    cache = self._step_prefix(model, prefix).cache_for(batch)
+                else:
+                    cache = model(input_ids=prefix[None], use_cache=True, logits_to_keep=1).cache
+                    cache.batch_repeat_interleave(batch)
                 positions = torch.arange(prefix_tokens, prefix_tokens + width, device=ids.device)[None].expand(batch, -1)
                 full_mask = torch.cat([mask.new_ones(batch, prefix_tokens), mask], dim=1)
                 outputs = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, cache=cache,
@@ -296,6 +338,37 @@ def _sft_trainer_class():
                 real = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
                 self.real_tokens_seen += real + prefix_tokens * labels.shape[0]
             return (loss, outputs) if return_outputs else loss
+
+        def _step_prefix(self, model, prefix) -> _HeldPrefix:
+            """This optimizer step's prefix pass: run on its first micro-batch, reused by the others."""
+            held = self._held_prefix
+            if held is not None and torch.equal(held.ids, prefix):
+                return held
+            self.flush_prefix_gradients()  # a different prefix (mixed system prompts): the held one is done
+            cache = model(input_ids=prefix[None], use_cache=True, logits_to_keep=1).cache
+            outputs, leaves = [], []
+            for layer in cache.layers:
+                for name in ("keys", "values"):
+                    output = getattr(layer, name)
+                    leaf = output.detach().requires_grad_(output.requires_grad)
+                    setattr(layer, name, leaf)
+                    outputs.append(output)
+                    leaves.append(leaf)
+            self.prefix_passes += 1
+            self._held_prefix = _HeldPrefix(prefix, cache, outputs, leaves)
+            return self._held_prefix
+
+        def flush_prefix_gradients(self) -> None:
+            """Send the step's gradients at the prefix keys/values back through the prefix pass."""
+            held, self._held_prefix = self._held_prefix, None
+            if held is not None:
+                held.backward()
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.accelerator.sync_gradients:  # the step's last micro-batch: the optimizer steps next
+                self.flush_prefix_gradients()
+            return loss
 
     return PersonaSFTTrainer
 
@@ -483,6 +556,11 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     if fast.liger_kernel and not apply_liger_kernels(model):
         fast = dataclasses.replace(fast, liger_kernel=False)
     log.info("fast path: %s", fast)
+    collator = None
+    if fast.shared_prefix:
+        # Measured on the first rows: a cap too long for a later batch only costs that batch its sharing.
+        collator = SharedPrefixCollator(tokenizer.pad_token_id,
+                                        max_prefix=common_prefix_length(train_ds[:1000]["input_ids"]))
     checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
     stop_on_nonfinite = _nonfinite_stop_callback()
     on_terminate = _terminate_callback()
@@ -493,7 +571,7 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora_config(cfg),
-        data_collator=SharedPrefixCollator(tokenizer.pad_token_id) if fast.shared_prefix else None,
+        data_collator=collator,
         token_metrics=cfg.token_metrics,
         callbacks=[stop_on_nonfinite, _progress_log_callback(), on_terminate] + list(extra_callbacks),
     )

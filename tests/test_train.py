@@ -59,6 +59,47 @@ def test_fast_loss_equals_full_logits_loss(tmp_path, tiny_model_dir, mode):
                          for n, p in trainer.model.named_parameters() if p.grad is not None)
 
 
+def test_one_prefix_pass_per_optimizer_step_gives_the_plain_gradients(tmp_path, tiny_model_dir):
+    """With gradient accumulation, the shared prefix runs once per optimizer step (not per micro-batch), and
+    the gradients the optimizer sees equal those of plain padded rows."""
+    import torch
+    from transformers import TrainerCallback
+
+    class GradientsBeforeStep(TrainerCallback):
+        def __init__(self):
+            self.model, self.steps = None, []
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.steps.append({n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None})
+
+    grads = {}
+    for mode in ("padded", "shared prefix"):
+        capture = GradientsBeforeStep()
+        cfg = tiny_cfg(tmp_path / mode, tiny_model_dir, max_steps=2, gradient_accumulation_steps=3, eval_steps=0,
+                       save_steps=100, **BATCH_MODES[mode])
+        setup = build_trainer(cfg, extra_callbacks=[capture])
+        capture.model = setup.trainer.model
+        setup.trainer.train()
+        grads[mode] = capture.steps
+    assert setup.trainer.prefix_passes == 2  # 2 steps x 3 micro-batches, one prefix pass per step
+    assert len(grads["padded"]) == len(grads["shared prefix"]) == 2
+    for plain, shared in zip(grads["padded"], grads["shared prefix"]):
+        assert plain.keys() == shared.keys() and plain
+        for name in plain:
+            assert torch.allclose(plain[name], shared[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_collator_prefix_is_capped_to_the_training_sets_common_prefix():
+    rows = [{"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [-100] * 6 + [11]},
+            {"input_ids": [5, 6, 7, 8, 9, 12, 13], "labels": [-100] * 6 + [13]}]
+    from ironman_nb.train import SharedPrefixCollator
+
+    assert SharedPrefixCollator(pad_token_id=0, min_prefix=1)(rows)["prefix_ids"].tolist() == [5, 6, 7, 8, 9]
+    capped = SharedPrefixCollator(pad_token_id=0, min_prefix=1, max_prefix=3)(rows)
+    assert capped["prefix_ids"].tolist() == [5, 6, 7]
+    assert capped["input_ids"].tolist() == [[8, 9, 10, 11], [8, 9, 12, 13]]
+
+
 def test_shared_prefix_stops_before_the_first_answer_token(tokenizer):
     from ironman_nb.train import SharedPrefixCollator
 
