@@ -85,9 +85,11 @@ SAMPLES=${GPU_CHECK_SAMPLES:-256}
 # slower than later). Training runs each in a fresh process (the bench isolates runs on a GPU), alternating.
 step generate_qwen2-7b 60 python3 -m ironman_nb.bench generate --model $M7 --tokenizer $TOK --prompts 8 --new-tokens 64 --batch 8
 # TRL's defaults, the same without checkpointing, the project path with Liger (installed here) and without it (a
-# pod's default): one round of four fresh processes fits the 8 minutes; run more rounds by hand to see the spread.
-step train_qwen2-7b 160 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 4 --accum 4 \
-  --steps 3 --warmup 1 --rounds 1 --configs "baseline;baseline:gradient_checkpointing=false;project;project:liger_kernel=off"
+# pod's default), and with the shared prefix (once per optimizer step since it was last measured here, when it ran
+# once per micro-batch): one round of five fresh processes fits the 8 minutes; run more rounds by hand for spread.
+step train_qwen2-7b 200 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 4 --accum 4 \
+  --steps 3 --warmup 1 --rounds 1 \
+  --configs "baseline;baseline:gradient_checkpointing=false;project;project:liger_kernel=off;project:shared_prefix=on"
 step train_qwen2-7b_4bit 120 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --quantization 4bit \
   --batch 2 --accum 8 --steps 2 --warmup 1 --rounds 1 --configs project --scratch /tmp
 step pipeline 90 python3 scripts/gpu_pipeline.py --zero3 --tokenizer $TOK --run-dir /tmp/gpu_run --samples $SAMPLES
