@@ -287,6 +287,10 @@ def _sft_trainer_class():
             self.token_metrics = token_metrics
             self.prefix_passes = 0  # forward passes of the shared prefix while training
             self._held_prefix: _HeldPrefix | None = None
+            # Once per optimizer step needs a backward of its own after the micro-batches' backward; DeepSpeed,
+            # FSDP and DDP reduce gradients inside each backward, so there the prefix runs per micro-batch.
+            self.prefix_per_step = not (self.is_deepspeed_enabled or self.is_fsdp_enabled
+                                        or self.accelerator.num_processes > 1)
 
         @torch.no_grad()
         def _log_token_metrics(self, logits, targets, mode: str) -> None:
@@ -313,11 +317,12 @@ def _sft_trainer_class():
             else:
                 ids, mask = inputs["input_ids"], inputs["attention_mask"]
                 batch, width, prefix_tokens = ids.shape[0], ids.shape[1], prefix.numel()
-                if model.training and torch.is_grad_enabled():
+                if self.prefix_per_step and model.training and torch.is_grad_enabled():
                     cache = self._step_prefix(model, prefix).cache_for(batch)
                 else:
                     cache = model(input_ids=prefix[None], use_cache=True, logits_to_keep=1).cache
                     cache.batch_repeat_interleave(batch)
+                    self.prefix_passes += model.training
                 positions = torch.arange(prefix_tokens, prefix_tokens + width, device=ids.device)[None].expand(batch, -1)
                 full_mask = torch.cat([mask.new_ones(batch, prefix_tokens), mask], dim=1)
                 outputs = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, cache=cache,
@@ -350,6 +355,8 @@ def _sft_trainer_class():
             for layer in cache.layers:
                 for name in ("keys", "values"):
                     output = getattr(layer, name)
+                    if output is None:  # a layer that reuses another layer's keys/values
+                        continue
                     leaf = output.detach().requires_grad_(output.requires_grad)
                     setattr(layer, name, leaf)
                     outputs.append(output)
