@@ -322,7 +322,8 @@ def _sft_trainer_class():
                 else:
                     cache = model(input_ids=prefix[None], use_cache=True, logits_to_keep=1).cache
                     cache.batch_repeat_interleave(batch)
-                    self.prefix_passes += model.training
+                    if model.training:
+                        self.prefix_passes += 1
                 positions = torch.arange(prefix_tokens, prefix_tokens + width, device=ids.device)[None].expand(batch, -1)
                 full_mask = torch.cat([mask.new_ones(batch, prefix_tokens), mask], dim=1)
                 outputs = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, cache=cache,
@@ -565,7 +566,7 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     log.info("fast path: %s", fast)
     collator = None
     if fast.shared_prefix:
-        # Measured on the first rows: a cap too long for a later batch only costs that batch its sharing.
+        # Measured on the first rows: a cap too long for a later batch only makes its step run the prefix twice.
         collator = SharedPrefixCollator(tokenizer.pad_token_id,
                                         max_prefix=common_prefix_length(train_ds[:1000]["input_ids"]))
     checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
