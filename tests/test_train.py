@@ -183,6 +183,36 @@ def test_cuda_fast_path():
     assert (qlora.gradient_checkpointing, qlora.liger_kernel) == (True, False)
 
 
+def test_checkpointing_turns_on_when_the_longest_batch_would_not_fit():
+    """`auto` checkpoints from the estimated peak of the longest batch, not from the weights alone: the same
+    7B model trains without it on an 80 GB card at batch 4 x 1,024 tokens, with it at 8 x 1,024 or on 48 GB."""
+    from transformers import AutoConfig
+
+    from ironman_nb.bench import SHAPES
+    from ironman_nb.train import estimated_training_bytes
+
+    shape = dict(SHAPES["qwen2-7b"])
+    config = AutoConfig.for_model(shape.pop("model_type"), **shape)
+    need = {batch: estimated_training_bytes(config, 7_615_616_512, "bf16", batch * 1024) for batch in (4, 8)}
+    h100, l40s = 85_520_000_000, 47_700_000_000  # total_memory as CUDA reports it
+    bf16 = TrainConfig(precision="bf16")
+    assert not choose_fast_path(bf16, "cuda", need[4], device_memory=h100).gradient_checkpointing
+    assert choose_fast_path(bf16, "cuda", need[8], device_memory=h100).gradient_checkpointing
+    assert choose_fast_path(bf16, "cuda", need[4], device_memory=l40s).gradient_checkpointing
+    assert not choose_fast_path(TrainConfig(precision="bf16", gradient_checkpointing="off"), "cuda", need[8],
+                                device_memory=h100).gradient_checkpointing
+    # The one measured point (README, Speed): 30.8 GiB peak for batches of 4 samples of ~507 tokens (638 at most).
+    measured = 30.8 * 2**30
+    assert measured <= estimated_training_bytes(config, 7_615_616_512, "bf16", 4 * 638) <= 1.25 * measured
+
+
+def test_longest_sample(tmp_path, tiny_model_dir):
+    from ironman_nb.train import longest_sample
+
+    setup = build_trainer(tiny_cfg(tmp_path, tiny_model_dir))
+    assert longest_sample(setup.trainer.train_dataset) == max(len(r["input_ids"]) for r in setup.trainer.train_dataset)
+
+
 def test_liger_kernels_are_for_cuda_only():
     from ironman_nb.config import ConfigError
 
