@@ -89,8 +89,16 @@ class StageConfig:
         return {f.name: f.default for f in dataclasses.fields(cls)}
 
     @classmethod
+    def normalised(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        """YAML (PyYAML, as profiles and `-p` values are read) turns unquoted on/off into True/False: give the
+        fields that choose between "on" and "off" their word back."""
+        return {key: ("on" if value else "off") if isinstance(value, bool) and "on" in cls.choices.get(key, ()) else value
+                for key, value in params.items()}
+
+    @classmethod
     def check_params(cls, params: Mapping[str, Any]) -> list[str]:
         """Every problem with `params`, one message each, without building the config."""
+        params = cls.normalised(params)
         hints = typing.get_type_hints(cls)
         names = cls.field_names()
         problems = []
@@ -118,7 +126,7 @@ class StageConfig:
         if problems:
             raise ConfigError("\n".join(problems))
         hints = typing.get_type_hints(cls)
-        coerced = {k: (int(v) if hints[k] is int and isinstance(v, float) else v) for k, v in params.items()}
+        coerced = {k: (int(v) if hints[k] is int and isinstance(v, float) else v) for k, v in cls.normalised(params).items()}
         return cls(**coerced)
 
     @classmethod
@@ -203,6 +211,7 @@ class TrainConfig(StageConfig):
     padding_free: str = "auto"
     shared_prefix: str = "auto"
     liger_kernel: str = "auto"
+    fused_lora: bool = True
     token_metrics: bool = False
     quantization: str = "none"
     seed: int = 42

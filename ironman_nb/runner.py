@@ -128,7 +128,7 @@ def stage_params(merged: dict[str, Any], run_dir: Path, cwd: Path) -> tuple[dict
             continue
         fields = set(stage.config.field_names())
         params = {**{k: v for k, v in shared.items() if k in fields}, **specific}
-        params = {**stage.wiring(run_dir), **_absolute_paths(params, cwd)}
+        params = stage.config.normalised({**stage.wiring(run_dir), **_absolute_paths(params, cwd)})
         defaults = notebook_parameters(stage.notebook)
         problems += [f"{stage.name}: {p}" for p in stage.config.check_params(params)]
         if not any(p.startswith(f"{stage.name}:") for p in problems):

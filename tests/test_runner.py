@@ -63,6 +63,19 @@ def test_out_of_range_values_in_a_params_file_are_refused(tmp_path):
         run("fast", run_dir=str(tmp_path / "r"))
 
 
+def test_unquoted_on_off_in_yaml_mean_the_words(tmp_path):
+    """PyYAML reads `padding_free: off` (and `-p padding_free off`) as False; the on/off fields take it as "off"."""
+    import yaml
+
+    params = yaml.safe_load("02_train_lora:\n  padding_free: off\n  gradient_checkpointing: on\n  token_metrics: on\n")
+    per_stage, problems = stage_params(params, tmp_path, tmp_path)
+    assert problems == []
+    train = per_stage["02_train_lora"]
+    assert (train["padding_free"], train["gradient_checkpointing"], train["token_metrics"]) == ("off", "on", True)
+    _, problems = stage_params({"02_train_lora": {"lora_target": False}}, tmp_path, tmp_path)
+    assert any("lora_target: must be a string" in p for p in problems)  # only the on/off fields
+
+
 def test_stages_are_wired_through_the_run_folder(tmp_path):
     per_stage, problems = stage_params({"seed": 3, "input_path": "my.csv"}, tmp_path, tmp_path)
     assert problems == []
