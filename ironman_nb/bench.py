@@ -187,20 +187,19 @@ def parse_config(name: str) -> tuple[str, dict]:
     """("baseline" | "project", overrides) of a run named kind or "kind:field=value,…".
 
     Project overrides are TrainConfig parameters (validated here); baseline overrides are SFTConfig fields
-    (checked when the run builds its SFTConfig), their values read as YAML like the runner's `-p` values."""
+    (checked when the run builds its SFTConfig); values of both are read as YAML like the runner's `-p` values."""
     kind, _, spec = name.partition(":")
     if kind not in ("baseline", "project"):
         raise ValueError(f"bench config {name!r}: use baseline, project, or either with :field=value,…")
     items = [item.split("=", 1) for item in spec.split(",") if item]
     if any(len(item) != 2 for item in items):
         raise ValueError(f"bench config {name!r}: overrides are field=value, separated by commas")
-    if kind == "project":
-        overrides = dict(items)
-        TrainConfig.from_params(**overrides)  # validates names and values
-    else:
-        import yaml
+    import yaml
 
-        overrides = {key: yaml.safe_load(value) for key, value in items}
+    overrides = {key: yaml.safe_load(value) for key, value in items}
+    if kind == "project":
+        overrides = TrainConfig.normalised(overrides)
+        TrainConfig.from_params(**overrides)  # validates names and values
     return kind, overrides
 
 
@@ -251,6 +250,7 @@ def _run_once(name: str, args: BenchArgs, device: str, precision: str, records: 
                            "padding_free": trainer.args.padding_free,
                            "shared_prefix": isinstance(trainer.data_collator, SharedPrefixCollator),
                            "liger_kernel": fast.liger_kernel if fast else False,
+                           "fused_lora": fast.fused_lora if fast else False,
                            "quantization": args.quantization}
     del trainer, model, setup
     gc.collect()
