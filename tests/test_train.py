@@ -100,6 +100,79 @@ def test_collator_prefix_is_capped_to_the_training_sets_common_prefix():
     assert capped["input_ids"].tolist() == [[8, 9, 10, 11], [8, 9, 12, 13]]
 
 
+def _loss_and_lora_grads(trainer, batch):
+    model = trainer.model
+    model.zero_grad()
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _unfuse(model):
+    from peft.tuners.lora.layer import Linear
+
+    for module in model.modules():
+        if type(module) is Linear and "forward" in vars(module):
+            del module.forward  # back to PEFT's class forward
+
+
+def test_fused_lora_forward_gives_pefts_loss_and_gradients(tmp_path, tiny_model_dir):
+    import torch
+
+    setup = build_trainer(tiny_cfg(tmp_path, tiny_model_dir, lora_dropout=0.1))
+    trainer = setup.trainer
+    assert setup.fast.fused_lora
+    trainer.model.eval()  # dropout off, so both forwards see the same inputs
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    for name, param in trainer.model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; give the adapter something to add
+            torch.nn.init.normal_(param, std=0.02)
+    fused_loss, fused_grads = _loss_and_lora_grads(trainer, batch)
+    _unfuse(trainer.model)
+    peft_loss, peft_grads = _loss_and_lora_grads(trainer, batch)
+    assert fused_loss == pytest.approx(peft_loss, rel=1e-6)
+    assert fused_grads.keys() == peft_grads.keys() and len(fused_grads) > 10
+    for name in peft_grads:
+        assert torch.allclose(fused_grads[name], peft_grads[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_fused_lora_forward_under_bf16_autocast_and_fallbacks(tiny_model_dir):
+    """As on a GPU: a bf16 base with fp32 adapters under autocast; and PEFT's forward where adapters are off."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ironman_nb.config import TrainConfig
+    from ironman_nb.train import fuse_lora_forwards, lora_config
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    model = get_peft_model(base, lora_config(TrainConfig()))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    assert next(p for n, p in model.named_parameters() if "lora_A" in n).dtype == torch.float32
+    ids = torch.randint(0, 1000, (2, 24))
+
+    def run():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+        logits.logsumexp(-1).mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    peft_logits, peft_grads = run()
+    assert fuse_lora_forwards(model) == 14  # 2 layers x q, k, v, o, gate, up, down
+    fused_logits, fused_grads = run()
+    assert torch.allclose(fused_logits, peft_logits, atol=0.05, rtol=0.02)
+    for name in peft_grads:
+        assert fused_grads[name].dtype == torch.float32
+        assert torch.allclose(fused_grads[name], peft_grads[name], atol=1e-3, rtol=0.05), name
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)  # no LoRA layers at all
+    with torch.no_grad(), model.disable_adapter():
+        assert torch.equal(model(input_ids=ids, use_cache=False).logits, plain(input_ids=ids, use_cache=False).logits)
+
+
 def test_shared_prefix_stops_before_the_first_answer_token(tokenizer):
     from ironman_nb.train import SharedPrefixCollator
 
