@@ -173,6 +173,38 @@ def test_fused_lora_forward_under_bf16_autocast_and_fallbacks(tiny_model_dir):
         assert torch.equal(model(input_ids=ids, use_cache=False).logits, plain(input_ids=ids, use_cache=False).logits)
 
 
+def test_fused_lora_forward_keeps_fewer_activations_for_the_backward():
+    """Under bf16 autocast with fp32 adapters (a GPU run), PEFT's forward keeps a bf16 copy of each LoRA layer's
+    input for the backward; the fused forward keeps the input itself, shared by q/k/v and by gate/up."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ironman_nb.train import fuse_lora_forwards, lora_config
+
+    def kept_bytes(fused: bool) -> int:
+        torch.manual_seed(0)
+        config = AutoConfig.for_model("qwen2", hidden_size=64, intermediate_size=256, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+        model = get_peft_model(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16), lora_config(TrainConfig()))
+        if fused:
+            fuse_lora_forwards(model)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=torch.randint(0, 128, (2, 32)), use_cache=False, logits_to_keep=1)
+        return sum(kept.values())
+
+    peft, fused = kept_bytes(False), kept_bytes(True)
+    assert fused <= 0.92 * peft, (fused, peft)
+
+
 def test_shared_prefix_stops_before_the_first_answer_token(tokenizer):
     from ironman_nb.train import SharedPrefixCollator
 
