@@ -72,7 +72,7 @@ def main() -> int:
     print(json.dumps({"summary": "gpu_pipeline", "device": device, "seconds": timings, "train": trained.run_config["result"],
                       "resolved": {k: trained.run_config["resolved"][k] for k in (
                           "device", "precision", "gradient_checkpointing", "padding_free", "shared_prefix", "liger_kernel",
-                          "attn_implementation")},
+                          "fused_lora", "attn_implementation")},
                       "merge_checks": merged.checks,
                       "eval_nll": [compared.metrics["before"]["eval_nll"], compared.metrics["after"]["eval_nll"]]}), flush=True)
     if ns.zero3:
