@@ -390,10 +390,8 @@ def _sft_trainer_class():
                 if self.prefix_per_step and model.training and torch.is_grad_enabled():
                     cache = self._step_prefix(model, prefix).cache_for(batch)
                 else:
-                    cache = model(input_ids=prefix[None], use_cache=True, logits_to_keep=1).cache
+                    cache = self._prefix_pass(model, prefix)
                     cache.batch_repeat_interleave(batch)
-                    if model.training:
-                        self.prefix_passes += 1
                 positions = torch.arange(prefix_tokens, prefix_tokens + width, device=ids.device)[None].expand(batch, -1)
                 full_mask = torch.cat([mask.new_ones(batch, prefix_tokens), mask], dim=1)
                 outputs = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, cache=cache,
@@ -415,13 +413,19 @@ def _sft_trainer_class():
                 self.real_tokens_seen += real + prefix_tokens * labels.shape[0]
             return (loss, outputs) if return_outputs else loss
 
+        def _prefix_pass(self, model, prefix):
+            """The shared prefix through the model, batch 1: its cache."""
+            if model.training:
+                self.prefix_passes += 1
+            return model(input_ids=prefix[None], use_cache=True, logits_to_keep=1).cache
+
         def _step_prefix(self, model, prefix) -> _HeldPrefix:
             """This optimizer step's prefix pass: run on its first micro-batch, reused by the others."""
             held = self._held_prefix
             if held is not None and torch.equal(held.ids, prefix):
                 return held
             self.flush_prefix_gradients()  # a different prefix (mixed system prompts): the held one is done
-            cache = model(input_ids=prefix[None], use_cache=True, logits_to_keep=1).cache
+            cache = self._prefix_pass(model, prefix)
             outputs, leaves = [], []
             for layer in cache.layers:
                 for name in ("keys", "values"):
@@ -432,7 +436,6 @@ def _sft_trainer_class():
                     setattr(layer, name, leaf)
                     outputs.append(output)
                     leaves.append(leaf)
-            self.prefix_passes += 1
             self._held_prefix = _HeldPrefix(prefix, cache, outputs, leaves)
             return self._held_prefix
 
