@@ -5,8 +5,8 @@
     python -m ironman_nb.bench generate [--model ...] [--prompts N] [--new-tokens N] [--batch N]
 
 `train` runs the project's training path and a baseline that is exactly TRL's `SFTConfig` defaults
-(same model, data, LoRA, batch and steps; on a CPU without native bf16 the baseline uses fp32 instead of
-TRL's default bf16, which ran ~100x slower there), alternating, each after warm-up steps. It prints one
+(same model, data, LoRA, batch and steps; bf16 as TRL's default on GPUs and on CPUs with native bf16 —
+AVX-512 BF16 or AMX —, fp32 on other CPUs, where bf16 ran ~100x slower), alternating, each after warm-up steps. It prints one
 JSON line per run and a final line with `ratio` = project tokens/s ÷ baseline tokens/s. Tokens are real
 tokens (padding not counted). The data is the shipped persona set with its system prompt, as users train it.
 `--configs "baseline;baseline:gradient_checkpointing=false;project;project:liger_kernel=off"` adds ablations
@@ -208,6 +208,14 @@ def _run_once(name: str, args: BenchArgs, device: str, precision: str, records: 
     from datasets import Dataset
     from trl import SFTConfig
 
+    from .models import resolve_precision
+
+    kind, overrides = parse_config(name)
+    # A run that names its precision loads the model in it (TRL's bf16=false: fp32).
+    if kind == "project":
+        precision = resolve_precision(str(overrides.get("precision", precision)), device)
+    elif overrides.get("bf16") is False and not overrides.get("fp16"):
+        precision = "fp32"
     scratch = Path(args.scratch) if args.scratch else None
     model, tokenizer = load_bench_model(args.model, device, precision, args.tokenizer, args.quantization, scratch)
     n_params = sum(p.numel() for p in model.parameters())
@@ -217,20 +225,19 @@ def _run_once(name: str, args: BenchArgs, device: str, precision: str, records: 
                       per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.accum,
                       lora_r=args.lora_r, lora_alpha=2 * args.lora_r, max_length=args.max_length, logging_steps=1,
                       save_steps=10**6, eval_steps=0, warmup_ratio=0.0, quantization=args.quantization)
-    kind, overrides = parse_config(name)
     with tempfile.TemporaryDirectory() as tmp:
         if kind == "project":
             cfg = TrainConfig.from_params(**{**cfg.to_dict(), **overrides, "output_dir": str(Path(tmp) / "adapter")})
             setup = build_trainer(cfg, model=model, tokenizer=tokenizer, records=(records, []), extra_callbacks=[timer])
             trainer, fast = setup.trainer, setup.fast
         else:
-            # Exactly TRL's defaults but for precision on a CPU (and any overrides named): same LoRA, batch, steps
-            # and data.
+            # Exactly TRL's defaults (and any overrides named) but for fp32 on a CPU without native bf16: same
+            # LoRA, batch, steps and data.
             dataset = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in records])
+            on_cpu = {} if device == "cuda" else {"use_cpu": True, **({} if precision == "bf16" else {"bf16": False})}
             sft_args = SFTConfig(output_dir=tmp, max_steps=total_steps, per_device_train_batch_size=args.batch,
                                  gradient_accumulation_steps=args.accum, logging_steps=1, save_strategy="no",
-                                 report_to="none", max_length=args.max_length,
-                                 **({} if device == "cuda" else {"bf16": False, "use_cpu": True}), **overrides)
+                                 report_to="none", max_length=args.max_length, **{**on_cpu, **overrides})
             trainer = _counting_baseline_class()(model=model, args=sft_args, train_dataset=dataset,
                                                  processing_class=tokenizer, peft_config=lora_config(cfg),
                                                  callbacks=[timer])
@@ -251,6 +258,7 @@ def _run_once(name: str, args: BenchArgs, device: str, precision: str, records: 
                            "shared_prefix": isinstance(trainer.data_collator, SharedPrefixCollator),
                            "liger_kernel": fast.liger_kernel if fast else False,
                            "fused_lora": fast.fused_lora if fast else False,
+                           "attn_implementation": trainer.model.config._attn_implementation,
                            "quantization": args.quantization}
     del trainer, model, setup
     gc.collect()

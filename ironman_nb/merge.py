@@ -115,7 +115,8 @@ def merge(cfg: MergeConfig) -> MergeResult:
     system_prompt = resolved.get("system_prompt") or DEFAULT_SYSTEM_PROMPT
 
     device = resolve_device()
-    compute = resolve_precision("auto", device)  # fp32 on CPU, bf16/fp16 on GPU
+    # fp32 on a CPU (exact, and the merge is one pass), bf16/fp16 on a GPU.
+    compute = "fp32" if device == "cpu" else resolve_precision("auto", device)
     save_dtype = cfg.dtype if cfg.dtype != "auto" else resolved.get("precision", compute)
     # The adapter folder holds the tokenizer exactly as trained; older adapters without one use the base's.
     tokenizer = load_tokenizer(str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else cfg.base_model)

@@ -159,17 +159,28 @@ def resolve_device() -> str:
     return "cpu"
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """'auto' → bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU.
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX-512 BF16 or AMX).
 
-    TRL defaults to bf16; on a CPU without native bf16 that ran about 100x slower than fp32 here.
+    Measured on 2 cores with AVX-512 BF16: bf16 matmuls at 390 GFLOP/s against 180 for fp32. Without these
+    instructions bf16 is emulated and training in it ran about 100x slower than fp32.
     """
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """'auto' → bf16 on GPUs that have it, fp16 on older GPUs; on a CPU bf16 where it is native, else fp32."""
     if precision != "auto":
         return precision
     if device == "cuda":
         import torch
 
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device == "cpu" and cpu_has_native_bf16():
+        return "bf16"
     return "fp32"
 
 
@@ -179,10 +190,58 @@ def torch_dtype(precision: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def attention_implementation(device: str) -> str:
+# Model types whose attention is plain scaled dot-product over (possibly grouped) key/value heads, with no
+# soft-capping, sinks or other extras an attention function would have to know about.
+PLAIN_ATTENTION_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+GROUPED_MATMUL = "grouped_matmul"
+
+
+def attention_implementation(device: str, precision: str = "fp32", model_type: str | None = None) -> str:
+    """flash-attn on a GPU where installed; `grouped_matmul` for bf16 on a CPU (plain-attention models);
+    else sdpa.
+
+    On a 2-core AVX-512 BF16 CPU, one layer's attention forward and backward (batch 4 × 250 queries over 480 keys,
+    9 query and 3 key/value heads) took 40 ms with sdpa's CPU flash kernel and 16 ms as two bf16 matmuls; in
+    fp32 the flash kernel was as fast, so fp32 keeps sdpa.
+    """
     if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
+    if device == "cpu" and precision == "bf16" and model_type in PLAIN_ATTENTION_MODEL_TYPES:
+        register_grouped_matmul_attention()
+        return GROUPED_MATMUL
     return "sdpa"
+
+
+def grouped_matmul_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Attention as matmul, softmax, matmul, with each key/value head serving its group of query heads as is.
+
+    transformers' eager attention first copies every key/value head once per query head of its group
+    (`repeat_kv`); here the query heads of a group are stacked instead, so each matmul is one larger product
+    and nothing is copied. The mask is eager attention's (additive). Returns (output, weights) like it.
+    """
+    import torch
+
+    batch, heads, q_len, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    # Heads kv·g … kv·g+g-1 read key/value head kv, as in repeat_kv. Scaling the queries costs less than the scores.
+    grouped = (query * scaling).reshape(batch, kv_heads, heads // kv_heads * q_len, dim)
+    scores = torch.matmul(grouped, key.transpose(2, 3)).view(batch, heads, q_len, kv_len)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = torch.softmax(scores, dim=-1)  # accumulates in fp32 for bf16 inputs
+    if dropout and module.training:
+        weights = torch.nn.functional.dropout(weights, p=dropout)
+    output = torch.matmul(weights.view(batch, kv_heads, -1, kv_len), value).view(batch, heads, q_len, dim)
+    return output.transpose(1, 2), weights
+
+
+def register_grouped_matmul_attention() -> None:
+    """Make `attn_implementation="grouped_matmul"` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    AttentionInterface.register(GROUPED_MATMUL, grouped_matmul_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_MATMUL, eager_mask)
 
 
 def load_model(base_model: str, precision: str = "fp32", device: str = "cpu", quantization: str = "none"):

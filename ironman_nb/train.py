@@ -77,8 +77,9 @@ def estimated_training_bytes(model_config, n_parameters: int, precision: str, to
 
 
 def choose_fast_path(cfg: TrainConfig, device: str, memory_need: int | None = None, world_size: int = 1,
-                     device_memory: int | None = None) -> FastPath:
-    """`memory_need`: estimated_training_bytes of the longest batch; `device_memory`: the GPU's (default: asked)."""
+                     device_memory: int | None = None, model_type: str | None = None) -> FastPath:
+    """`memory_need`: estimated_training_bytes of the longest batch; `device_memory`: the GPU's (default: asked);
+    `model_type`: the model's, for the attention implementation."""
     precision = resolve_precision(cfg.precision, device)
     if cfg.gradient_checkpointing == "auto":
         # Checkpointing costs ~1/3 more compute; pay it only when training without it would not fit the card
@@ -93,7 +94,7 @@ def choose_fast_path(cfg: TrainConfig, device: str, memory_need: int | None = No
             checkpointing = memory_need > 0.9 * device_memory
     else:
         checkpointing = cfg.gradient_checkpointing == "on"
-    attn = attention_implementation(device)
+    attn = attention_implementation(device, precision, model_type)
     # The shared system-turn prefix needs padded rows and a KV cache (no checkpointing). On a CPU, where time
     # follows FLOPs, it saves more than packing (the persona prompt is ~45 % of each sample). On an H100 it ran
     # slower than plain padded rows (3,200-3,400 vs 5,039 tokens/s, Qwen2-7B shape; README, Speed): the batch-1
@@ -635,7 +636,10 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     longest_batch = cfg.per_device_train_batch_size * longest_sample(train_ds)
     memory_need = estimated_training_bytes(model.config, sum(p.numel() for p in model.parameters()),
                                            resolve_precision(cfg.precision, device), longest_batch)
-    fast = choose_fast_path(cfg, device, memory_need, int(os.environ.get("WORLD_SIZE", "1")))
+    fast = choose_fast_path(cfg, device, memory_need, int(os.environ.get("WORLD_SIZE", "1")),
+                            model_type=model.config.model_type)
+    if model.config._attn_implementation != fast.attn_implementation:
+        model.set_attn_implementation(fast.attn_implementation)
     if fast.liger_kernel and not apply_liger_kernels(model):
         fast = dataclasses.replace(fast, liger_kernel=False)
     collator = None

@@ -76,7 +76,72 @@ def test_folder_without_config_is_refused(tmp_path):
         resolve_model_path(str(tmp_path))
 
 
-def test_precision_follows_the_device():
+def test_precision_follows_the_device(monkeypatch):
+    import ironman_nb.models as models
+
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
     assert resolve_precision("auto", "cpu") == "fp32"
     assert resolve_precision("bf16", "cpu") == "bf16"
     assert resolve_precision("auto", "mps") == "fp32"
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", "cpu") == "bf16"
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    assert resolve_precision("auto", "mps") == "fp32"
+
+
+def test_attention_implementation_follows_device_precision_and_model_type():
+    from ironman_nb.models import attention_implementation
+
+    assert attention_implementation("cpu", "bf16", "llama") == "grouped_matmul"
+    assert attention_implementation("cpu", "bf16", "qwen2") == "grouped_matmul"
+    assert attention_implementation("cpu", "fp32", "llama") == "sdpa"  # the flash kernel was as fast in fp32
+    assert attention_implementation("cpu", "bf16", "gemma2") == "sdpa"  # soft-capping: not plain attention
+    assert attention_implementation("cpu", "bf16", None) == "sdpa"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_grouped_matmul_attention_matches_sdpa(tiny_model_dir, tokenizer, precision):
+    """Padded rows, packed rows (position_ids: each sample attends only to itself), a KV-cache continuation and
+    batched left-padded generation give sdpa's logits, gradients and tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ironman_nb.models import register_grouped_matmul_attention
+
+    register_grouped_matmul_attention()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    tol = {"fp32": dict(atol=1e-5, rtol=1e-4), "bf16": dict(atol=0.15, rtol=0.05)}[precision]
+    models = {name: AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype, attn_implementation=name)
+              for name in ("sdpa", "grouped_matmul")}
+    torch.manual_seed(1)
+    ids = torch.randint(5, 500, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    lengths = [5, 7]  # two samples packed in one row
+    packed = {"input_ids": ids[:1, :12], "position_ids": torch.cat([torch.arange(n) for n in lengths])[None]}
+    cases = {"padded": {"input_ids": ids, "attention_mask": mask}, "packed": packed}
+    for name, inputs in cases.items():
+        logits = {}
+        for attn, model in models.items():
+            model.zero_grad()
+            out = model(**inputs, use_cache=False).logits
+            out.float().square().mean().backward()
+            logits[attn] = (out.detach().float(), model.model.layers[0].self_attn.q_proj.weight.grad.float())
+        assert torch.allclose(*[v[0] for v in logits.values()], **tol), name
+        assert torch.allclose(*[v[1] for v in logits.values()], atol=tol["atol"] * 0.1, rtol=tol["rtol"] * 10), name
+    alone = models["grouped_matmul"](input_ids=ids[:1, 5:12], use_cache=False).logits.float()
+    assert torch.allclose(logits["grouped_matmul"][0][0, 5:12], alone[0], **tol)  # the second sample saw only itself
+    with torch.no_grad():
+        for model in models.values():
+            model.eval()
+        prefix = {attn: m(input_ids=ids[:, :6], use_cache=True) for attn, m in models.items()}
+        rest = {attn: m(input_ids=ids[:, 6:], past_key_values=prefix[attn].past_key_values).logits.float()
+                for attn, m in models.items()}
+        assert torch.allclose(rest["sdpa"], rest["grouped_matmul"], **tol)
+        tokenizer.padding_side = "left"
+        prompts = tokenizer(["안녕", "토니 스타크, 오늘 기분 어때?"], return_tensors="pt", padding=True)
+        tokenizer.padding_side = "right"
+        if precision == "fp32":  # greedy tokens: exact only where logits are
+            outputs = [m.generate(**prompts, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                       for m in models.values()]
+            assert torch.equal(*outputs)

@@ -9,10 +9,11 @@ from ironman_nb.train import build_trainer, choose_fast_path, find_resume_checkp
 
 
 def tiny_cfg(tmp_path, model_dir, **overrides):
+    """fp32, so that exact comparisons hold on any CPU (`auto` is bf16 on CPUs with native bf16)."""
     data = write_chat_data(tmp_path / "data")
     params = dict(base_model=str(model_dir), data_dir=str(data), output_dir=str(tmp_path / "adapter"),
                   max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3,
-                  logging_steps=1, save_steps=2, eval_steps=2, max_length=512, seed=7)
+                  logging_steps=1, save_steps=2, eval_steps=2, max_length=512, seed=7, precision="fp32")
     params.update(overrides)
     return TrainConfig(**params)
 
@@ -236,10 +237,17 @@ def test_packed_samples_stay_isolated(tmp_path, tiny_model_dir):
     assert packed == pytest.approx(alone, rel=1e-5)
 
 
-def test_cpu_fast_path():
-    fast = choose_fast_path(TrainConfig(), "cpu")
+def test_cpu_fast_path(monkeypatch):
+    import ironman_nb.models as models
+
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    fast = choose_fast_path(TrainConfig(), "cpu", model_type="llama")
     assert (fast.precision, fast.gradient_checkpointing, fast.shared_prefix, fast.padding_free, fast.attn_implementation) == (
         "fp32", False, True, False, "sdpa")
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    native = choose_fast_path(TrainConfig(), "cpu", model_type="llama")
+    assert (native.precision, native.shared_prefix, native.attn_implementation) == ("bf16", True, "grouped_matmul")
+    assert choose_fast_path(TrainConfig(precision="fp32"), "cpu", model_type="llama").attn_implementation == "sdpa"
     packed = choose_fast_path(TrainConfig(per_device_train_batch_size=1), "cpu")
     assert (packed.shared_prefix, packed.padding_free) == (False, True)
     forced = choose_fast_path(TrainConfig(precision="bf16", gradient_checkpointing="on", padding_free="off"), "cpu")
@@ -367,6 +375,19 @@ def test_train_writes_adapter_state_and_config(tmp_path, tiny_model_dir):
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["checkpoint-2", "checkpoint-4"]
     assert result.summary().loc["global_step", "value"] == 4
+
+
+def test_bf16_on_cpu_trains_with_grouped_matmul_attention(tmp_path, tiny_model_dir):
+    """The bf16 CPU path end to end: the model runs grouped_matmul attention, the loss is finite and the
+    held-out loss falls."""
+    result = train(tiny_cfg(tmp_path, tiny_model_dir, precision="bf16", eval_steps=4))
+    run_config = json.loads((tmp_path / "adapter" / "run_config.json").read_text())
+    resolved = run_config["resolved"]
+    assert (resolved["precision"], resolved["attn_implementation"], resolved["shared_prefix"]) == (
+        "bf16", "grouped_matmul", True)
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert run_config["result"]["eval_loss_after"] < run_config["result"]["eval_loss_before"]
 
 
 def test_same_seed_same_loss_history(tmp_path, tiny_model_dir):
