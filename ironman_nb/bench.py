@@ -5,9 +5,9 @@
     python -m ironman_nb.bench generate [--model ...] [--prompts N] [--new-tokens N] [--batch N]
 
 `train` runs the project's training path and a baseline that is exactly TRL's `SFTConfig` defaults
-(same model, data, LoRA, batch and steps; bf16 as TRL's default on GPUs and on CPUs with native bf16 —
-AVX-512 BF16 or AMX —, fp32 on other CPUs, where bf16 ran ~100x slower), alternating, each after warm-up steps. It prints one
-JSON line per run and a final line with `ratio` = project tokens/s ÷ baseline tokens/s. Tokens are real
+(same model, data, LoRA, batch and steps; TRL's default bf16 on GPUs and on CPUs with native bf16, i.e.
+AVX-512 BF16 or AMX; fp32 on other CPUs, where bf16 ran ~100x slower), alternating, each after warm-up steps.
+It prints one JSON line per run and a final line with `ratio` = project tokens/s ÷ baseline tokens/s. Tokens are real
 tokens (padding not counted). The data is the shipped persona set with its system prompt, as users train it.
 `--configs "baseline;baseline:gradient_checkpointing=false;project;project:liger_kernel=off"` adds ablations
 (SFTConfig fields for the baseline, TrainConfig fields for the project path); `--configs project

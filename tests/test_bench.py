@@ -62,3 +62,19 @@ def test_train_benchmark_runs_ablations_and_a_4bit_random_shape(monkeypatch, tmp
         BenchArgs(configs=("project:no_such_field=1",))
     with pytest.raises(ValueError, match="field=value"):
         BenchArgs(configs=("baseline:gradient_checkpointing",))
+
+
+def test_train_benchmark_precision_follows_trl_defaults_and_overrides(monkeypatch, tiny_model_dir):
+    """On a CPU with native bf16 the baseline is TRL's default bf16 (with sdpa); `bf16=false` and the project's
+    `precision=fp32` load and train in fp32; the project's bf16 run uses the grouped-matmul attention."""
+    from ironman_nb import models
+
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    lines = []
+    configs = ("baseline", "baseline:bf16=false", "project", "project:precision=fp32")
+    bench_train(BenchArgs(model=str(tiny_model_dir), steps=1, warmup=1, batch=2, rounds=1, max_length=512,
+                          configs=configs, isolate="off"), emit=lines.append)
+    runs = [json.loads(line) for line in lines[:-1]]
+    assert [(r["config"], r["precision"], r["fast_path"]["attn_implementation"]) for r in runs] == [
+        ("baseline", "bf16", "sdpa"), ("baseline:bf16=false", "fp32", "sdpa"),
+        ("project", "bf16", "grouped_matmul"), ("project:precision=fp32", "fp32", "sdpa")]
