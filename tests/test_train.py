@@ -390,9 +390,10 @@ def test_bf16_on_cpu_trains_with_grouped_matmul_attention(tmp_path, tiny_model_d
     assert run_config["result"]["eval_loss_after"] < run_config["result"]["eval_loss_before"]
 
 
-def test_same_seed_same_loss_history(tmp_path, tiny_model_dir):
-    first = train(tiny_cfg(tmp_path / "a", tiny_model_dir, eval_steps=0))
-    second = train(tiny_cfg(tmp_path / "b", tiny_model_dir, eval_steps=0))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_same_seed_same_loss_history(tmp_path, tiny_model_dir, precision):
+    first = train(tiny_cfg(tmp_path / "a", tiny_model_dir, eval_steps=0, precision=precision))
+    second = train(tiny_cfg(tmp_path / "b", tiny_model_dir, eval_steps=0, precision=precision))
     pick = lambda r: [(h["step"], h["loss"], h["grad_norm"]) for h in r.log_history if "loss" in h]
     assert pick(first) == pick(second)
 
