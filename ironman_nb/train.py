@@ -631,11 +631,12 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     eval_ds = build_dataset(eval_records, tokenizer, cfg.max_length, cfg.max_eval_samples) if eval_records else None
 
     device = resolve_device()
+    precision = resolve_precision(cfg.precision, device)
     if model is None:
-        model = load_model(cfg.base_model, resolve_precision(cfg.precision, device), device, cfg.quantization)
+        model = load_model(cfg.base_model, precision, device, cfg.quantization)
     longest_batch = cfg.per_device_train_batch_size * longest_sample(train_ds)
     memory_need = estimated_training_bytes(model.config, sum(p.numel() for p in model.parameters()),
-                                           resolve_precision(cfg.precision, device), longest_batch)
+                                           precision, longest_batch)
     fast = choose_fast_path(cfg, device, memory_need, int(os.environ.get("WORLD_SIZE", "1")),
                             model_type=model.config.model_type)
     if model.config._attn_implementation != fast.attn_implementation:
