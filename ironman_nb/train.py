@@ -52,46 +52,86 @@ class FastPath:
     attn_implementation: str
     liger_kernel: bool = False
     fused_lora: bool = False
+    # With checkpointing: every n-th decoder layer is checkpointed (1: all of them; transformers' every_n_layers).
+    checkpoint_every_n_layers: int = 1
 
 
-def estimated_training_bytes(model_config, n_parameters: int, precision: str, tokens: int) -> int | None:
-    """A rough peak of LoRA training without checkpointing, for `gradient_checkpointing="auto"`.
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """A rough peak of LoRA training for `gradient_checkpointing="auto"`, in bytes, by how many decoder layers
+    are checkpointed.
 
-    The frozen weights, what each decoder layer keeps for the backward per token (≈ 17·hidden + 4·intermediate
-    elements: norm inputs in fp32, q/k/v/attention output, rotary, the MLP's gate, up, activation and product)
-    for `tokens` positions, and their logits (bf16, an fp32 copy, log-softmax and gradient ≈ 12 bytes per
-    vocabulary entry). Measured on one H100, Qwen2-7B shape, batches of 4 persona samples (~507 tokens on average,
-    638 at most): 30.8 GiB; this gives 32.1 at the average length and 36.7 at the longest, on the safe side.
+    The frozen weights; what each decoder layer keeps for the backward per token (≈ 17·hidden + 4·intermediate
+    elements: norm inputs in fp32, q/k/v/attention output, rotary, the MLP's gate, up, activation and product) —
+    a checkpointed layer keeps only its input (hidden), and one layer's activations live again while it is
+    recomputed, after the logits are gone; and the logits (bf16, an fp32 copy, log-softmax and gradient ≈ 12 bytes per vocabulary entry).
+    Measured on one H100, Qwen2-7B shape, batches of 4 persona samples (~507 tokens on average, 638 at most),
+    no checkpointing: 30.8 GiB; this gives 32.1 at the average length and 36.7 at the longest, on the safe side.
     (Autograd's saved tensors alone, counted on a CPU under bf16 autocast: ≈ 8.8·hidden + 4·intermediate with
     the fused LoRA forward, 12.8·hidden + 4·intermediate with PEFT's; the rest is temporaries.)
     """
+
+    weights: int
+    layer_activations: int  # one decoder layer, all tokens of the batch, not checkpointed
+    layer_input: int  # what a checkpointed layer keeps instead
+    logits: int
+    layers: int
+
+    def peak(self, checkpointed: int = 0) -> int:
+        kept = (self.layers - checkpointed) * self.layer_activations + checkpointed * self.layer_input
+        # The logits are freed by the time the backward recomputes a checkpointed layer's activations.
+        recompute = self.layer_activations if checkpointed else 0
+        return self.weights + kept + max(self.logits, recompute)
+
+
+def estimate_training_memory(model_config, n_parameters: int, precision: str, tokens: int) -> MemoryEstimate | None:
+    """MemoryEstimate for a batch of `tokens` positions; None for an architecture it does not know."""
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     hidden, layers = getattr(text, "hidden_size", None), getattr(text, "num_hidden_layers", None)
     if not hidden or not layers:
-        return None  # an architecture this estimate does not know: `auto` keeps checkpointing off
+        return None  # `auto` then keeps checkpointing off
     intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
     element = 4 if precision == "fp32" else 2
-    activations = tokens * layers * (17 * hidden + 4 * intermediate) * element
-    logits = tokens * getattr(text, "vocab_size", 0) * 12
-    return n_parameters * element + activations + logits
+    return MemoryEstimate(weights=n_parameters * element,
+                          layer_activations=tokens * (17 * hidden + 4 * intermediate) * element,
+                          layer_input=tokens * hidden * element,
+                          logits=tokens * getattr(text, "vocab_size", 0) * 12, layers=layers)
 
 
-def choose_fast_path(cfg: TrainConfig, device: str, memory_need: int | None = None, world_size: int = 1,
+def checkpointed_layers(layers: int, every_n_layers: int) -> int:
+    """How many of `layers` decoder layers transformers checkpoints with `every_n_layers` (0, n, 2n, …)."""
+    return -(-layers // every_n_layers)
+
+
+def checkpoint_every_n_layers(memory: MemoryEstimate, budget: float) -> int | None:
+    """The largest n for which checkpointing every n-th decoder layer keeps the estimated peak within `budget`
+    (the fewest layers recomputed); None when it fits without checkpointing; 1 (every layer) when nothing fits."""
+    if memory.peak(0) <= budget:
+        return None
+    for every in range(memory.layers, 1, -1):
+        if memory.peak(checkpointed_layers(memory.layers, every)) <= budget:
+            return every
+    return 1
+
+
+def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | None = None, world_size: int = 1,
                      device_memory: int | None = None, model_type: str | None = None) -> FastPath:
-    """`memory_need`: estimated_training_bytes of the longest batch; `device_memory`: the GPU's (default: asked);
+    """`memory`: estimate_training_memory of the longest batch; `device_memory`: the GPU's (default: asked);
     `model_type`: the model's, for the attention implementation."""
     precision = resolve_precision(cfg.precision, device)
+    every_n_layers = 1
     if cfg.gradient_checkpointing == "auto":
-        # Checkpointing costs ~1/3 more compute; pay it only when training without it would not fit the card
-        # (the estimate runs high, the CUDA context and fragmentation take a share: 90 %) — or when the 4-bit
-        # profile says memory is what is short.
+        # Checkpointing costs up to ~1/3 more compute; pay it only where training without it would not fit the
+        # card (the estimate runs high; the CUDA context and fragmentation take a share: 90 %), and then only on
+        # as few layers as make it fit — or on all of them when the 4-bit profile says memory is what is short.
         checkpointing = cfg.quantization == "4bit"
-        if device == "cuda" and memory_need and not checkpointing:
+        if device == "cuda" and memory and not checkpointing:
             if device_memory is None:
                 import torch
 
                 device_memory = torch.cuda.get_device_properties(0).total_memory
-            checkpointing = memory_need > 0.9 * device_memory
+            every = checkpoint_every_n_layers(memory, 0.9 * device_memory)
+            checkpointing, every_n_layers = every is not None, every or 1
     else:
         checkpointing = cfg.gradient_checkpointing == "on"
     attn = attention_implementation(device, precision, model_type)
@@ -120,7 +160,8 @@ def choose_fast_path(cfg: TrainConfig, device: str, memory_need: int | None = No
     # The 4-bit profile keeps its norms in fp32 (prepare for k-bit training); Liger's kernels are for bf16 runs.
     liger = cfg.liger_kernel == "on" or (cfg.liger_kernel == "auto" and device == "cuda" and liger_installed
                                          and cfg.quantization == "none")
-    return FastPath(device, precision, checkpointing, padding_free, shared_prefix, attn, liger)
+    return FastPath(device, precision, checkpointing, padding_free, shared_prefix, attn, liger,
+                    checkpoint_every_n_layers=every_n_layers)
 
 
 def apply_liger_kernels(model) -> bool:
@@ -541,8 +582,8 @@ class TrainResult:
         import pandas as pd
 
         r = self.run_config["resolved"]
-        keys = ("device", "precision", "gradient_checkpointing", "padding_free", "shared_prefix", "liger_kernel",
-                "fused_lora", "attn_implementation",
+        keys = ("device", "precision", "gradient_checkpointing", "checkpoint_every_n_layers", "padding_free",
+                "shared_prefix", "liger_kernel", "fused_lora", "attn_implementation",
                 "base_model_path", "end_of_turn_token", "train_samples", "eval_samples", "resumed_from")
         rows = [(k, str(r.get(k))) for k in keys] + [("output_dir", str(self.output_dir))]
         return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")
@@ -595,6 +636,8 @@ def sft_config(cfg: TrainConfig, fast: FastPath, checkpoint_dir: Path, do_eval: 
         bf16=fast.precision == "bf16",
         fp16=fast.precision == "fp16",
         activation_checkpointing=fast.gradient_checkpointing,
+        activation_checkpointing_kwargs=({"every_n_layers": fast.checkpoint_every_n_layers}
+                                         if fast.gradient_checkpointing and fast.checkpoint_every_n_layers > 1 else None),
         padding_free=fast.padding_free,
         # Padded rows waste least when samples of similar length share a batch.
         train_sampling_strategy="random" if fast.padding_free else "group_by_length",
@@ -635,9 +678,9 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     if model is None:
         model = load_model(cfg.base_model, precision, device, cfg.quantization)
     longest_batch = cfg.per_device_train_batch_size * longest_sample(train_ds)
-    memory_need = estimated_training_bytes(model.config, sum(p.numel() for p in model.parameters()),
-                                           precision, longest_batch)
-    fast = choose_fast_path(cfg, device, memory_need, int(os.environ.get("WORLD_SIZE", "1")),
+    memory = estimate_training_memory(model.config, sum(p.numel() for p in model.parameters()), precision,
+                                      longest_batch)
+    fast = choose_fast_path(cfg, device, memory, int(os.environ.get("WORLD_SIZE", "1")),
                             model_type=model.config.model_type)
     if model.config._attn_implementation != fast.attn_implementation:
         model.set_attn_implementation(fast.attn_implementation)
@@ -665,8 +708,12 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     # DeepSpeed ZeRO-3 and FSDP hand out parameters through module calls; the fused forward reads them directly.
     if cfg.fused_lora and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
         fast = dataclasses.replace(fast, fused_lora=fuse_lora_forwards(trainer.model) > 0)
-    log.info("fast path: %s (estimated peak without checkpointing: %s)", fast,
-             f"{memory_need / 2**30:.1f} GiB" if memory_need else "unknown")
+    if memory:
+        chosen = checkpointed_layers(memory.layers, fast.checkpoint_every_n_layers) if fast.gradient_checkpointing else 0
+        log.info("fast path: %s (estimated peak: %.1f GiB without checkpointing, %.1f GiB with %d of %d layers "
+                 "checkpointed)", fast, memory.peak() / 2**30, memory.peak(chosen) / 2**30, chosen, memory.layers)
+    else:
+        log.info("fast path: %s (peak memory not estimated for this architecture)", fast)
     return TrainerSetup(trainer, fast, train_records, len(train_ds), len(eval_ds) if eval_ds is not None else 0,
                         checkpoint_dir, stop_on_nonfinite, on_terminate)
 

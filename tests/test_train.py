@@ -296,27 +296,104 @@ def test_cuda_fast_path():
     assert (qlora.gradient_checkpointing, qlora.liger_kernel) == (True, False)
 
 
-def test_checkpointing_turns_on_when_the_longest_batch_would_not_fit():
-    """`auto` checkpoints from the estimated peak of the longest batch, not from the weights alone: the same
-    7B model trains without it on an 80 GB card at batch 4 x 1,024 tokens, with it at 8 x 1,024 or on 48 GB."""
+def _qwen2_7b_memory(tokens):
     from transformers import AutoConfig
 
     from ironman_nb.bench import SHAPES
-    from ironman_nb.train import estimated_training_bytes
+    from ironman_nb.train import estimate_training_memory
 
     shape = dict(SHAPES["qwen2-7b"])
-    config = AutoConfig.for_model(shape.pop("model_type"), **shape)
-    need = {batch: estimated_training_bytes(config, 7_615_616_512, "bf16", batch * 1024) for batch in (4, 8)}
-    h100, l40s = 85_520_000_000, 47_700_000_000  # total_memory as CUDA reports it
+    return estimate_training_memory(AutoConfig.for_model(shape.pop("model_type"), **shape), 7_615_616_512, "bf16", tokens)
+
+
+H100, L40S, A100_40GB = 85_520_000_000, 47_700_000_000, 42_410_000_000  # total_memory as CUDA reports it
+
+
+def test_checkpointing_turns_on_when_the_longest_batch_would_not_fit():
+    """`auto` checkpoints from the estimated peak of the longest batch, not from the weights alone: the same
+    7B model trains without it on an 80 GB card at batch 4 x 1,024 tokens, with it at 8 x 1,024 or on 48 GB."""
+    need = {batch: _qwen2_7b_memory(batch * 1024) for batch in (4, 8)}
     bf16 = TrainConfig(precision="bf16")
-    assert not choose_fast_path(bf16, "cuda", need[4], device_memory=h100).gradient_checkpointing
-    assert choose_fast_path(bf16, "cuda", need[8], device_memory=h100).gradient_checkpointing
-    assert choose_fast_path(bf16, "cuda", need[4], device_memory=l40s).gradient_checkpointing
+    assert not choose_fast_path(bf16, "cuda", need[4], device_memory=H100).gradient_checkpointing
+    assert choose_fast_path(bf16, "cuda", need[8], device_memory=H100).gradient_checkpointing
+    assert choose_fast_path(bf16, "cuda", need[4], device_memory=L40S).gradient_checkpointing
     assert not choose_fast_path(TrainConfig(precision="bf16", gradient_checkpointing="off"), "cuda", need[8],
-                                device_memory=h100).gradient_checkpointing
+                                device_memory=H100).gradient_checkpointing
+    forced = choose_fast_path(TrainConfig(precision="bf16", gradient_checkpointing="on"), "cuda", need[4],
+                              device_memory=H100)
+    assert (forced.gradient_checkpointing, forced.checkpoint_every_n_layers) == (True, 1)
     # The one measured point (README, Speed): 30.8 GiB peak for batches of 4 samples of ~507 tokens (638 at most).
     measured = 30.8 * 2**30
-    assert measured <= estimated_training_bytes(config, 7_615_616_512, "bf16", 4 * 638) <= 1.25 * measured
+    assert measured <= _qwen2_7b_memory(4 * 638).peak() <= 1.25 * measured
+
+
+@pytest.mark.parametrize("batch, card", [(8, H100), (4, L40S), (4, A100_40GB), (16, H100)])
+def test_auto_checkpoints_only_as_many_layers_as_the_card_needs(batch, card):
+    """Where the batch does not fit, `auto` checkpoints every n-th layer for the largest n that fits: the
+    estimate with that n stays within 90 % of the card, and with the next larger n (fewer layers) it would not."""
+    from ironman_nb.train import checkpointed_layers
+
+    memory = _qwen2_7b_memory(batch * 1024)
+    fast = choose_fast_path(TrainConfig(precision="bf16"), "cuda", memory, device_memory=card)
+    every, layers = fast.checkpoint_every_n_layers, memory.layers
+    assert fast.gradient_checkpointing
+    fits = memory.peak(checkpointed_layers(layers, every)) <= 0.9 * card
+    assert fits or every == 1  # nothing fits: all layers, the most checkpointing can do
+    if every < layers:
+        assert memory.peak(checkpointed_layers(layers, every + 1)) > 0.9 * card
+    # Partial checkpointing is the point: on these cards it recomputes fewer layers than all of them.
+    if (batch, card) in ((8, H100), (4, L40S)):
+        assert every > 1 and checkpointed_layers(layers, every) < layers
+
+
+def test_memory_estimate_falls_as_layers_are_checkpointed():
+    from ironman_nb.train import checkpointed_layers
+
+    memory = _qwen2_7b_memory(4096)
+    assert [checkpointed_layers(28, n) for n in (1, 2, 3, 28, 40)] == [28, 14, 10, 1, 1]
+    peaks = [memory.peak(c) for c in range(memory.layers + 1)]
+    assert all(a > b for a, b in zip(peaks, peaks[1:]))
+    assert peaks[-1] - memory.weights - memory.logits == 28 * memory.layer_input
+
+
+def test_partial_checkpointing_gives_the_plain_gradients(tmp_path, tiny_model_dir, monkeypatch):
+    """Checkpointing every 2nd layer checkpoints layer 0 only (of 2), and the optimizer sees the gradients of
+    training without checkpointing."""
+    import dataclasses
+
+    import torch
+    from transformers import TrainerCallback
+
+    import ironman_nb.train as train_module
+
+    class GradientsBeforeStep(TrainerCallback):
+        def __init__(self):
+            self.model, self.steps = None, []
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.steps.append({n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None})
+
+    choose = train_module.choose_fast_path
+    grads, flags = {}, {}
+    for every in (None, 2):
+        if every:
+            monkeypatch.setattr(train_module, "choose_fast_path", lambda *a, **k: dataclasses.replace(
+                choose(*a, **k), gradient_checkpointing=True, checkpoint_every_n_layers=every))
+        capture = GradientsBeforeStep()
+        cfg = tiny_cfg(tmp_path / str(every), tiny_model_dir, max_steps=2, eval_steps=0, save_steps=100,
+                       **BATCH_MODES["padded"])
+        setup = build_trainer(cfg, extra_callbacks=[capture])
+        capture.model = setup.trainer.model
+        setup.trainer.train()
+        grads[every] = capture.steps
+        layers = setup.trainer.model.base_model.model.model.layers
+        flags[every] = [layer.gradient_checkpointing for layer in layers]
+    assert flags == {None: [False, False], 2: [True, False]}
+    assert len(grads[None]) == len(grads[2]) == 2
+    for plain, partial in zip(grads[None], grads[2]):
+        assert plain.keys() == partial.keys() and plain
+        for name in plain:
+            assert torch.allclose(plain[name], partial[name], rtol=1e-5, atol=1e-7), name
 
 
 def test_longest_sample(tmp_path, tiny_model_dir):
