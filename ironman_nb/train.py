@@ -377,14 +377,16 @@ class _HeldPrefix:
 
 def _sft_trainer_class():
     import torch
-    import torch.nn.functional as F
     from trl import SFTTrainer
+
+    from .loss import summed_cross_entropy
 
     class PersonaSFTTrainer(SFTTrainer):
         """SFTTrainer with a loss that does only the work a persona run needs.
 
         - Logits only where labels are kept: TRL's loss also computes entropy and top-1 accuracy over the full
-          vocabulary at every labelled position; with a 49k–152k vocabulary those extras cost.
+          vocabulary at every labelled position; with a 49k–152k vocabulary those extras cost. The cross-entropy
+          over them runs a few rows at a time (loss.summed_cross_entropy), with no fp32 copy of the logits.
         - A shared prefix (SharedPrefixCollator) runs once per optimizer step, however many micro-batches
           the step accumulates; its cache is repeated for every sample.
         - Entropy and token accuracy are logged only with `token_metrics=True`.
@@ -438,13 +440,11 @@ def _sft_trainer_class():
                 full_mask = torch.cat([mask.new_ones(batch, prefix_tokens), mask], dim=1)
                 outputs = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, cache=cache,
                                 use_cache=True, logits_to_keep=keep)
-            logits = outputs.logits.float()
+            logits = outputs.logits
             kept_targets = targets[:, keep]
-            loss_sum = F.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), kept_targets.reshape(-1), ignore_index=-100, reduction="sum"
-            )
+            loss_sum = summed_cross_entropy(logits.reshape(-1, logits.size(-1)), kept_targets.reshape(-1))
             if self.token_metrics:
-                self._log_token_metrics(logits.detach(), kept_targets, "train" if model.training else "eval")
+                self._log_token_metrics(logits.detach().float(), kept_targets, "train" if model.training else "eval")
             count = num_items_in_batch if num_items_in_batch is not None else (kept_targets != -100).sum()
             loss = loss_sum / torch.as_tensor(count, device=loss_sum.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
