@@ -4,8 +4,11 @@
 backward a zero-filled gradient, the log-softmax gradient and a copy back to the logits' dtype: five passes over
 rows × vocabulary (49k–152k entries per row) besides the LM head's two matrix products. Here the forward keeps
 only each row's log-sum-exp, and the backward writes softmax − one-hot straight into a gradient of the logits'
-dtype, a cache-sized chunk of rows at a time. Same loss and gradients (tests); on a 2-core CPU, 1,000 answer
-positions × 49,152 entries: ~420 ms against ~620 ms for the LM head, the loss and their backward.
+dtype, a cache-sized chunk of rows at a time. Same loss and gradients (tests). What it saves is memory: at
+1,000 answer positions the loss and its backward raised the peak by 505 MiB (49k vocabulary) and 1,540 MiB
+(Qwen2's 152k) with PyTorch's cross-entropy, by 63 and 122 MiB this way (2-core CPU, bf16 logits). In time,
+0.44 vs 0.52 s and 0.79 vs 1.32 s there, but training the embedded model ran as fast either way (alternating
+runs: 654 vs 656 tokens/s median, within this machine's ±6 %).
 
 Imported inside the trainer (it imports torch).
 """

@@ -64,9 +64,11 @@ class MemoryEstimate:
     The frozen weights; what each decoder layer keeps for the backward per token (≈ 17·hidden + 4·intermediate
     elements: norm inputs in fp32, q/k/v/attention output, rotary, the MLP's gate, up, activation and product) —
     a checkpointed layer keeps only its input (hidden), and one layer's activations live again while it is
-    recomputed, after the logits are gone; and the logits (bf16, an fp32 copy, log-softmax and gradient ≈ 12 bytes per vocabulary entry).
-    Measured on one H100, Qwen2-7B shape, batches of 4 persona samples (~507 tokens on average, 638 at most),
-    no checkpointing: 30.8 GiB; this gives 32.1 at the average length and 36.7 at the longest, on the safe side.
+    recomputed, after the logits are gone; and the logits at every position, though the loss keeps them only at
+    answer positions (bf16 and their bf16 gradient: 4 bytes per vocabulary entry; loss.summed_cross_entropy
+    makes no fp32 copies). Measured on one H100, Qwen2-7B shape, batches of 4 persona samples (~507 tokens on
+    average, 638 at most), no checkpointing: 30.8 GiB, with the earlier loss that held ~12 bytes per entry of
+    fp32 copies; this gives 29.8 GiB at the average length and 33.8 at the longest.
     (Autograd's saved tensors alone, counted on a CPU under bf16 autocast: ≈ 8.8·hidden + 4·intermediate with
     the fused LoRA forward, 12.8·hidden + 4·intermediate with PEFT's; the rest is temporaries.)
     """
@@ -95,7 +97,7 @@ def estimate_training_memory(model_config, n_parameters: int, precision: str, to
     return MemoryEstimate(weights=n_parameters * element,
                           layer_activations=tokens * (17 * hidden + 4 * intermediate) * element,
                           layer_input=tokens * hidden * element,
-                          logits=tokens * getattr(text, "vocab_size", 0) * 12, layers=layers)
+                          logits=tokens * getattr(text, "vocab_size", 0) * 4, layers=layers)
 
 
 def checkpointed_layers(layers: int, every_n_layers: int) -> int:
