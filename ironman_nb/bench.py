@@ -17,6 +17,7 @@ tokens (padding not counted). The data is the shipped persona set with its syste
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -247,7 +248,8 @@ def _run_once(name: str, args: BenchArgs, device: str, precision: str, records: 
         timer.trainer = trainer
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        with _PeakRSS() as rss:
+        # stdout carries only the JSON lines: the trainers' own log lines go to stderr.
+        with _PeakRSS() as rss, contextlib.redirect_stdout(sys.stderr):
             trainer.train()
         peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss.peak
     seconds = timer.end_time - timer.start_time

@@ -15,8 +15,9 @@ def test_train_benchmark_alternates_baseline_and_project(tiny_model_dir, capsys)
     from ironman_nb.bench import main
 
     assert main(["train", "--model", str(tiny_model_dir), "--steps", "2", "--warmup", "1", "--batch", "2",
-                 "--rounds", "1", "--max-length", "512", "--isolate", "on"]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('{"')]
+                 "--accum", "1", "--rounds", "1", "--max-length", "512", "--isolate", "on"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(line.startswith('{"') for line in lines)  # only the JSON lines
     summary = json.loads(lines[-1])
     runs = [json.loads(line) for line in lines[:-1]]
     assert [(r["config"], r["isolated"]) for r in runs] == [("baseline", True), ("project", True)]
@@ -48,7 +49,7 @@ def test_train_benchmark_runs_ablations_and_a_4bit_random_shape(monkeypatch, tmp
         tie_word_embeddings=False, rms_norm_eps=1e-5))
     lines = []
     configs = ("project", "project:gradient_checkpointing=off", "baseline:gradient_checkpointing=false")
-    summary = bench_train(BenchArgs(model="tiny", steps=1, warmup=1, batch=2, rounds=1, max_length=512,
+    summary = bench_train(BenchArgs(model="tiny", steps=1, warmup=1, batch=2, accum=1, rounds=1, max_length=512,
                                     configs=configs, quantization="4bit", scratch=str(tmp_path)), emit=lines.append)
     runs = [json.loads(line) for line in lines[:-1]]
     assert [r["config"] for r in runs] == list(configs)
@@ -64,16 +65,18 @@ def test_train_benchmark_runs_ablations_and_a_4bit_random_shape(monkeypatch, tmp
         BenchArgs(configs=("baseline:gradient_checkpointing",))
 
 
-def test_train_benchmark_precision_follows_trl_defaults_and_overrides(monkeypatch, tiny_model_dir):
+def test_train_benchmark_precision_follows_trl_defaults_and_overrides(monkeypatch, tiny_model_dir, capsys):
     """On a CPU with native bf16 the baseline is TRL's default bf16 (with sdpa); `bf16=false` and the project's
-    `precision=fp32` load and train in fp32; the project's bf16 run uses the grouped-matmul attention."""
+    `precision=fp32` load and train in fp32; the project's bf16 run uses the grouped-matmul attention. Runs in
+    this process print nothing to stdout (the trainers' log lines go to stderr)."""
     from ironman_nb import models
 
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
     lines = []
     configs = ("baseline", "baseline:bf16=false", "project", "project:precision=fp32")
-    bench_train(BenchArgs(model=str(tiny_model_dir), steps=1, warmup=1, batch=2, rounds=1, max_length=512,
+    bench_train(BenchArgs(model=str(tiny_model_dir), steps=1, warmup=1, batch=2, accum=1, rounds=1, max_length=512,
                           configs=configs, isolate="off"), emit=lines.append)
+    assert capsys.readouterr().out == ""
     runs = [json.loads(line) for line in lines[:-1]]
     assert [(r["config"], r["precision"], r["fast_path"]["attn_implementation"]) for r in runs] == [
         ("baseline", "bf16", "sdpa"), ("baseline:bf16=false", "fp32", "sdpa"),
