@@ -8,7 +8,8 @@
 `train` runs the project's training path and a baseline that is exactly TRL's `SFTConfig` defaults
 (same model, data, LoRA, batch and steps; TRL's default bf16 on GPUs and on CPUs with native bf16, i.e.
 AVX-512 BF16 or AMX; fp32 on other CPUs, where bf16 ran ~100x slower), alternating, each after warm-up steps.
-It prints one JSON line per run and a final line with `ratio` = project tokens/s ÷ baseline tokens/s. Tokens are real
+It prints one JSON line per run and a final line with `ratio` = project tokens/s ÷ baseline tokens/s
+(medians; `ratio_per_round` pairs the runs of each round). Tokens are real
 tokens (padding not counted). The data is the shipped persona set with its system prompt, as users train it.
 `--configs "baseline;baseline:gradient_checkpointing=false;project;project:liger_kernel=off"` adds ablations
 (SFTConfig fields for the baseline, TrainConfig fields for the project path); `--configs project
@@ -355,6 +356,10 @@ def bench_train(args: BenchArgs, emit=print) -> dict:
             if name != "baseline":
                 key = "ratio" if name == "project" else f"{name}_ratio"
                 summary[key] = round(speed[name] / speed["baseline"], 2)
+                # Each round's runs ran back to back: their ratios show how far the machine's drift moves it.
+                paired = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(runs[name], runs["baseline"])
+                          if "tokens_per_s" in r and "tokens_per_s" in b]
+                summary[f"{key}_per_round"] = [round(x, 2) for x in paired]
     peak = matmul_tflops(device)
     if peak and parameters:
         limit = peak * 1e12 / (4 * parameters)

@@ -27,6 +27,7 @@ def test_train_benchmark_alternates_baseline_and_project(tiny_model_dir, capsys)
     # Both count real tokens of the same number of samples (2 timed steps x 2 samples), padding excluded.
     assert 0.8 < runs[0]["tokens"] / runs[1]["tokens"] < 1.25
     assert summary["ratio"] == round(summary["project_tokens_per_s"] / summary["baseline_tokens_per_s"], 2)
+    assert summary["ratio_per_round"] == [round(runs[1]["tokens_per_s"] / runs[0]["tokens_per_s"], 2)]
 
 
 def test_generate_benchmark_checks_outputs_match(tiny_model_dir):
