@@ -86,15 +86,18 @@ class MemoryEstimate:
         return self.weights + kept + max(self.logits, recompute)
 
 
-def estimate_training_memory(model_config, n_parameters: int, precision: str, tokens: int) -> MemoryEstimate | None:
-    """MemoryEstimate for a batch of `tokens` positions; None for an architecture it does not know."""
+def estimate_training_memory(model_config, weight_bytes: int, precision: str, tokens: int) -> MemoryEstimate | None:
+    """MemoryEstimate for a batch of `tokens` positions; None for an architecture it does not know.
+
+    `weight_bytes`: the loaded model's parameters as they are stored (fp16 training keeps fp32 weights for the
+    grad scaler, so its weights take 4 bytes each while its activations take 2)."""
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     hidden, layers = getattr(text, "hidden_size", None), getattr(text, "num_hidden_layers", None)
     if not hidden or not layers:
         return None  # `auto` then keeps checkpointing off
     intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
     element = 4 if precision == "fp32" else 2
-    return MemoryEstimate(weights=n_parameters * element,
+    return MemoryEstimate(weights=weight_bytes,
                           layer_activations=tokens * (17 * hidden + 4 * intermediate) * element,
                           layer_input=tokens * hidden * element,
                           logits=tokens * getattr(text, "vocab_size", 0) * 4, layers=layers)
@@ -680,8 +683,8 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     if model is None:
         model = load_model(cfg.base_model, precision, device, cfg.quantization)
     longest_batch = cfg.per_device_train_batch_size * longest_sample(train_ds)
-    memory = estimate_training_memory(model.config, sum(p.numel() for p in model.parameters()), precision,
-                                      longest_batch)
+    memory = estimate_training_memory(model.config, sum(p.numel() * p.element_size() for p in model.parameters()),
+                                      precision, longest_batch)
     fast = choose_fast_path(cfg, device, memory, int(os.environ.get("WORLD_SIZE", "1")),
                             model_type=model.config.model_type)
     if model.config._attn_implementation != fast.attn_implementation:

@@ -303,7 +303,8 @@ def _qwen2_7b_memory(tokens):
     from ironman_nb.train import estimate_training_memory
 
     shape = dict(SHAPES["qwen2-7b"])
-    return estimate_training_memory(AutoConfig.for_model(shape.pop("model_type"), **shape), 7_615_616_512, "bf16", tokens)
+    return estimate_training_memory(AutoConfig.for_model(shape.pop("model_type"), **shape), 2 * 7_615_616_512, "bf16",
+                                    tokens)
 
 
 H100, L40S, A100_40GB = 85_520_000_000, 47_700_000_000, 42_410_000_000  # total_memory as CUDA reports it
@@ -354,6 +355,29 @@ def test_memory_estimate_falls_as_layers_are_checkpointed():
     peaks = [memory.peak(c) for c in range(memory.layers + 1)]
     assert all(a > b for a, b in zip(peaks, peaks[1:]))
     assert peaks[-1] - memory.weights - memory.logits == 28 * memory.layer_input
+
+
+def test_memory_estimate_counts_the_weights_as_loaded(tmp_path, tiny_model_dir, monkeypatch):
+    """fp16 training keeps fp32 weights (for the grad scaler): the estimate counts 4 bytes per weight there,
+    2 per activation element."""
+    import ironman_nb.train as train_module
+
+    class Captured(Exception):
+        pass
+
+    def capture(cfg, device, memory, *args, **kwargs):
+        raise Captured(memory)
+
+    monkeypatch.setattr(train_module, "choose_fast_path", capture)
+    with pytest.raises(Captured) as caught:
+        build_trainer(tiny_cfg(tmp_path, tiny_model_dir, precision="fp16"))
+    memory = caught.value.args[0]
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    assert memory.weights == 4 * sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    tokens = memory.logits // (4 * config.vocab_size)
+    assert memory.layer_input == tokens * config.hidden_size * 2
 
 
 def test_partial_checkpointing_gives_the_plain_gradients(tmp_path, tiny_model_dir, monkeypatch):
