@@ -60,10 +60,8 @@ def test_fast_loss_equals_full_logits_loss(tmp_path, tiny_model_dir, mode):
                          for n, p in trainer.model.named_parameters() if p.grad is not None)
 
 
-def test_one_prefix_pass_per_optimizer_step_gives_the_plain_gradients(tmp_path, tiny_model_dir):
-    """With gradient accumulation, the shared prefix runs once per optimizer step (not per micro-batch), and
-    the gradients the optimizer sees equal those of plain padded rows."""
-    import torch
+def _gradients_before_step():
+    """A callback that records the gradients the optimizer is about to apply, step by step (set `.model`)."""
     from transformers import TrainerCallback
 
     class GradientsBeforeStep(TrainerCallback):
@@ -73,9 +71,17 @@ def test_one_prefix_pass_per_optimizer_step_gives_the_plain_gradients(tmp_path, 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             self.steps.append({n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None})
 
+    return GradientsBeforeStep()
+
+
+def test_one_prefix_pass_per_optimizer_step_gives_the_plain_gradients(tmp_path, tiny_model_dir):
+    """With gradient accumulation, the shared prefix runs once per optimizer step (not per micro-batch), and
+    the gradients the optimizer sees equal those of plain padded rows."""
+    import torch
+
     grads = {}
     for mode in ("padded", "shared prefix"):
-        capture = GradientsBeforeStep()
+        capture = _gradients_before_step()
         cfg = tiny_cfg(tmp_path / mode, tiny_model_dir, max_steps=2, gradient_accumulation_steps=3, eval_steps=0,
                        save_steps=100, **BATCH_MODES[mode])
         setup = build_trainer(cfg, extra_callbacks=[capture])
@@ -386,16 +392,8 @@ def test_partial_checkpointing_gives_the_plain_gradients(tmp_path, tiny_model_di
     import dataclasses
 
     import torch
-    from transformers import TrainerCallback
 
     import ironman_nb.train as train_module
-
-    class GradientsBeforeStep(TrainerCallback):
-        def __init__(self):
-            self.model, self.steps = None, []
-
-        def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            self.steps.append({n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None})
 
     choose = train_module.choose_fast_path
     grads, flags = {}, {}
@@ -403,7 +401,7 @@ def test_partial_checkpointing_gives_the_plain_gradients(tmp_path, tiny_model_di
         if every:
             monkeypatch.setattr(train_module, "choose_fast_path", lambda *a, **k: dataclasses.replace(
                 choose(*a, **k), gradient_checkpointing=True, checkpoint_every_n_layers=every))
-        capture = GradientsBeforeStep()
+        capture = _gradients_before_step()
         cfg = tiny_cfg(tmp_path / str(every), tiny_model_dir, max_steps=2, eval_steps=0, save_steps=100,
                        **BATCH_MODES["padded"])
         setup = build_trainer(cfg, extra_callbacks=[capture])
