@@ -79,7 +79,9 @@ for line in sys.stdin:
   echo "$name: exit ${PIPESTATUS[0]} in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.txt"
 }
 
-# A CPU smoke test of this script sets these to a small model folder and a few samples.
+# A CPU smoke test of this script sets these to a small model folder and a few samples — at least 64: with
+# fewer, the pipeline trains one optimizer step, still at learning rate 0 in its warm-up, and the merge rightly
+# refuses the unchanged adapter. (Move a prepared .whl/ aside first: its wheels are for the GPU machine's Python.)
 TOK=${GPU_CHECK_TOKENIZER:-.gpu/tokenizer} M7=${GPU_CHECK_MODEL:-qwen2-7b} M8=${GPU_CHECK_MODEL2:-llama3-8b}
 SAMPLES=${GPU_CHECK_SAMPLES:-256}
 # Generation first: it also warms the machine (on a freshly started H100 the first minute of training ran ~2x
