@@ -208,6 +208,7 @@ class TrainConfig(StageConfig):
     save_total_limit: int = 3
     precision: str = "auto"
     gradient_checkpointing: str = "auto"
+    max_memory_gib: float = 0.0
     padding_free: str = "auto"
     shared_prefix: str = "auto"
     liger_kernel: str = "auto"
@@ -252,6 +253,8 @@ class TrainConfig(StageConfig):
             problems.append(("learning_rate", f"{self.learning_rate} is far above any LoRA learning rate; use 1e-5 … 1e-3"))
         if self.max_length < 32:
             problems.append(("max_length", f"must be at least 32 tokens (got {self.max_length})"))
+        if self.max_memory_gib < 0:
+            problems.append(("max_memory_gib", f"must be >= 0 GiB, 0 meaning 90 % of the GPU (got {self.max_memory_gib})"))
         for name in ("max_train_samples", "max_eval_samples", "eval_steps", "save_total_limit"):
             if getattr(self, name) < 0:
                 problems.append((name, f"must be >= 0 (got {getattr(self, name)})"))

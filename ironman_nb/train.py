@@ -121,21 +121,25 @@ def checkpoint_every_n_layers(memory: MemoryEstimate, budget: float) -> int | No
 
 def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | None = None, world_size: int = 1,
                      device_memory: int | None = None, model_type: str | None = None) -> FastPath:
-    """`memory`: estimate_training_memory of the longest batch; `device_memory`: the GPU's (default: asked);
-    `model_type`: the model's, for the attention implementation."""
+    """`memory`: estimate_training_memory of the longest batch; `device_memory`: the GPU's (default: asked, when
+    `cfg.max_memory_gib` does not set the budget); `model_type`: the model's, for the attention implementation."""
     precision = resolve_precision(cfg.precision, device)
     every_n_layers = 1
     if cfg.gradient_checkpointing == "auto":
         # Checkpointing costs up to ~1/3 more compute; pay it only where training without it would not fit the
-        # card (the estimate runs high; the CUDA context and fragmentation take a share: 90 %), and then only on
-        # as few layers as make it fit — or on all of them when the 4-bit profile says memory is what is short.
+        # card (the estimate runs high; the CUDA context and fragmentation take a share: 90 %) or the memory the
+        # user gives it (`max_memory_gib`, on any device), and then only on as few layers as make it fit — or on
+        # all of them when the 4-bit profile says memory is what is short.
         checkpointing = cfg.quantization == "4bit"
-        if device == "cuda" and memory and not checkpointing:
+        budget = cfg.max_memory_gib * 2**30
+        if not budget and device == "cuda":
             if device_memory is None:
                 import torch
 
                 device_memory = torch.cuda.get_device_properties(0).total_memory
-            every = checkpoint_every_n_layers(memory, 0.9 * device_memory)
+            budget = 0.9 * device_memory
+        if budget and memory and not checkpointing:
+            every = checkpoint_every_n_layers(memory, budget)
             checkpointing, every_n_layers = every is not None, every or 1
     else:
         checkpointing = cfg.gradient_checkpointing == "on"

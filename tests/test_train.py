@@ -353,6 +353,25 @@ def test_auto_checkpoints_only_as_many_layers_as_the_card_needs(batch, card):
         assert every > 1 and checkpointed_layers(layers, every) < layers
 
 
+def test_max_memory_gib_sets_the_budget_on_any_device():
+    """`max_memory_gib` replaces 90 % of the card as the budget `auto` plans for, also on a CPU (where it
+    otherwise never checkpoints); the shared prefix then steps aside, as with checkpointing on."""
+    from ironman_nb.config import ConfigError
+    from ironman_nb.train import checkpointed_layers
+
+    memory = _qwen2_7b_memory(4 * 1024)
+    assert not choose_fast_path(TrainConfig(precision="bf16"), "cuda", memory, device_memory=H100).gradient_checkpointing
+    capped = choose_fast_path(TrainConfig(precision="bf16", max_memory_gib=40), "cuda", memory, device_memory=H100)
+    assert capped.gradient_checkpointing and capped.checkpoint_every_n_layers > 1
+    assert memory.peak(checkpointed_layers(memory.layers, capped.checkpoint_every_n_layers)) <= 40 * 2**30
+    on_cpu = choose_fast_path(TrainConfig(precision="bf16", max_memory_gib=40), "cpu", memory, model_type="qwen2")
+    assert (on_cpu.gradient_checkpointing, on_cpu.shared_prefix) == (True, False)
+    roomy = choose_fast_path(TrainConfig(precision="bf16", max_memory_gib=60), "cpu", memory, model_type="qwen2")
+    assert (roomy.gradient_checkpointing, roomy.shared_prefix) == (False, True)
+    with pytest.raises(ConfigError, match="max_memory_gib"):
+        TrainConfig(max_memory_gib=-1)
+
+
 def test_memory_estimate_falls_as_layers_are_checkpointed():
     from ironman_nb.train import checkpointed_layers
 
