@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check (one H100, within 8 minutes): on the Qwen2-7B shape (random weights) the generation benchmark and
 # the training benchmark (TRL defaults with and without checkpointing vs the project's path and its ablations),
-# then the six stages and a ZeRO-3 launch on a small random-weight model, then — if time is left — partial
-# checkpointing at 16 samples per micro-batch, the 24 GB profile's peak memory (4-bit) and the Llama-3-8B shape.
+# then the six stages and a ZeRO-3 launch on a small random-weight model, then — if time is left — the project
+# path within the issue's memory bound, partial checkpointing at 16 samples per micro-batch, the 24 GB profile's
+# peak memory (4-bit) and the Llama-3-8B shape.
 # Its output is what the README's performance tables quote.
 #
 # Prepared on a machine with the project installed (make install), then run on the GPU machine:
@@ -95,6 +96,10 @@ step train_qwen2-7b 300 python3 -m ironman_nb.bench train --model $M7 --tokenize
   --steps 3 --warmup 1 --rounds 1 --configs "baseline;baseline:gradient_checkpointing=false;project;\
 project:liger_kernel=off;project:fused_lora=false;project:shared_prefix=on"
 step pipeline 90 python3 scripts/gpu_pipeline.py --zero3 --tokenizer $TOK --run-dir /tmp/gpu_run --samples $SAMPLES
+# The issue's memory bound (TRL defaults' 15.8 GiB + 50 %) given to `auto` as its budget: the project path's
+# speed within it (the estimate at the longest batch asks for checkpointing every layer there).
+step train_qwen2-7b_membound 60 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 4 --accum 4 \
+  --steps 3 --warmup 1 --rounds 1 --configs "project:max_memory_gib=23.7"
 # Partial checkpointing: 16 samples in one micro-batch do not fit the card without checkpointing; `auto` then
 # checkpoints every n-th layer (estimated: every 3rd, 10 of 28, at the longest batch). Its speed and peak
 # memory against checkpointing every layer; the peak also checks the memory estimate.
