@@ -132,13 +132,13 @@ def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | Non
         # all of them when the 4-bit profile says memory is what is short.
         checkpointing = cfg.quantization == "4bit"
         budget = cfg.max_memory_gib * 2**30
-        if not budget and device == "cuda":
+        if memory and not checkpointing and not budget and device == "cuda":
             if device_memory is None:
                 import torch
 
                 device_memory = torch.cuda.get_device_properties(0).total_memory
             budget = 0.9 * device_memory
-        if budget and memory and not checkpointing:
+        if memory and not checkpointing and budget:
             every = checkpoint_every_n_layers(memory, budget)
             checkpointing, every_n_layers = every is not None, every or 1
     else:
