@@ -131,16 +131,17 @@ def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | Non
         # user gives it (`max_memory_gib`, on any device), and then only on as few layers as make it fit — or on
         # all of them when the 4-bit profile says memory is what is short.
         checkpointing = cfg.quantization == "4bit"
-        budget = cfg.max_memory_gib * 2**30
-        if memory and not checkpointing and not budget and device == "cuda":
-            if device_memory is None:
-                import torch
+        if memory and not checkpointing:
+            budget = cfg.max_memory_gib * 2**30
+            if not budget and device == "cuda":
+                if device_memory is None:
+                    import torch
 
-                device_memory = torch.cuda.get_device_properties(0).total_memory
-            budget = 0.9 * device_memory
-        if memory and not checkpointing and budget:
-            every = checkpoint_every_n_layers(memory, budget)
-            checkpointing, every_n_layers = every is not None, every or 1
+                    device_memory = torch.cuda.get_device_properties(0).total_memory
+                budget = 0.9 * device_memory
+            if budget:
+                every = checkpoint_every_n_layers(memory, budget)
+                checkpointing, every_n_layers = every is not None, every or 1
     else:
         checkpointing = cfg.gradient_checkpointing == "on"
     attn = attention_implementation(device, precision, model_type)
