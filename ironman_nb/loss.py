@@ -20,8 +20,9 @@ IGNORE_INDEX = -100
 
 
 def chunk_rows(vocab_size: int, device_type: str) -> int:
-    """Rows per chunk: an fp32 chunk of ~4 MiB on a CPU (stays in cache), ~256 MiB on a GPU (few kernel launches)."""
-    budget = 256 << 20 if device_type == "cuda" else 4 << 20
+    """Rows per chunk: an fp32 chunk of ~4 MiB on a CPU (stays in cache), ~256 MiB on a GPU, CUDA or MPS (few
+    kernel launches)."""
+    budget = 4 << 20 if device_type == "cpu" else 256 << 20
     return max(1, budget // (4 * vocab_size))
 
 

@@ -67,5 +67,5 @@ def test_chunk_rows_bound_the_fp32_chunk():
     from ironman_nb.loss import chunk_rows
 
     assert chunk_rows(49_152, "cpu") == 21 and chunk_rows(152_064, "cpu") == 6
-    assert chunk_rows(152_064, "cuda") == 441
+    assert chunk_rows(152_064, "cuda") == chunk_rows(152_064, "mps") == 441
     assert chunk_rows(10**9, "cpu") == 1
