@@ -259,8 +259,7 @@ def _run_once(name: str, args: BenchArgs, device: str, precision: str, records: 
               "tokens_per_s": round(tokens / seconds, 1), "tokens": tokens, "seconds": round(seconds, 2),
               "steps_timed": args.steps, "peak_memory_gib": round(peak / 2**30, 2), "parameters": n_params}
     result["fast_path"] = {"gradient_checkpointing": trainer.args.activation_checkpointing,
-                           "checkpoint_every_n_layers": (trainer.args.activation_checkpointing_kwargs or {}).get(
-                               "every_n_layers", 1),
+                           "checkpointed_layers": fast.checkpointed_layers if fast else None,  # None: all
                            "padding_free": trainer.args.padding_free,
                            "shared_prefix": isinstance(trainer.data_collator, SharedPrefixCollator),
                            "liger_kernel": fast.liger_kernel if fast else False,

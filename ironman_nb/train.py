@@ -52,8 +52,8 @@ class FastPath:
     attn_implementation: str
     liger_kernel: bool = False
     fused_lora: bool = False
-    # With checkpointing: every n-th decoder layer is checkpointed (1: all of them; transformers' every_n_layers).
-    checkpoint_every_n_layers: int = 1
+    # With checkpointing: how many decoder layers, spread evenly (None: all of them).
+    checkpointed_layers: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,20 +103,32 @@ def estimate_training_memory(model_config, weight_bytes: int, precision: str, to
                           logits=tokens * getattr(text, "vocab_size", 0) * 4, layers=layers)
 
 
-def checkpointed_layers(layers: int, every_n_layers: int) -> int:
-    """How many of `layers` decoder layers transformers checkpoints with `every_n_layers` (0, n, 2n, …)."""
-    return -(-layers // every_n_layers)
+def layers_to_checkpoint(memory: MemoryEstimate, budget: float) -> int:
+    """The fewest decoder layers to checkpoint for the estimated peak to stay within `budget`: 0 when it fits
+    without checkpointing, all of them when nothing fits."""
+    return next((k for k in range(memory.layers + 1) if memory.peak(k) <= budget), memory.layers)
 
 
-def checkpoint_every_n_layers(memory: MemoryEstimate, budget: float) -> int | None:
-    """The largest n for which checkpointing every n-th decoder layer keeps the estimated peak within `budget`
-    (the fewest layers recomputed); None when it fits without checkpointing; 1 (every layer) when nothing fits."""
-    if memory.peak(0) <= budget:
-        return None
-    for every in range(memory.layers, 1, -1):
-        if memory.peak(checkpointed_layers(memory.layers, every)) <= budget:
-            return every
-    return 1
+def spread_layers(count: int, layers: int) -> list[int]:
+    """`count` of `layers` indices, evenly spread from 0 (as transformers' every_n_layers where it divides)."""
+    return [i * layers // count for i in range(count)]
+
+
+def _partial_checkpointing_callback(count: int):
+    from transformers import TrainerCallback
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    class PartialCheckpointing(TrainerCallback):
+        """Keep checkpointing on `count` evenly spread decoder layers only. `Trainer.train` turns it on for every
+        layer just before `on_train_begin` (transformers' own `every_n_layers` only allows every n-th layer)."""
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            chosen = set(spread_layers(min(count, len(layers)), len(layers)))
+            for index, layer in enumerate(layers):
+                layer.gradient_checkpointing = index in chosen
+
+    return PartialCheckpointing()
 
 
 def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | None = None, world_size: int = 1,
@@ -124,7 +136,7 @@ def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | Non
     """`memory`: estimate_training_memory of the longest batch; `device_memory`: the GPU's (default: asked, when
     `cfg.max_memory_gib` does not set the budget); `model_type`: the model's, for the attention implementation."""
     precision = resolve_precision(cfg.precision, device)
-    every_n_layers = 1
+    checkpointed = None
     if cfg.gradient_checkpointing == "auto":
         # Checkpointing costs up to ~1/3 more compute; pay it only where training without it would not fit the
         # card (the estimate runs high; the CUDA context and fragmentation take a share: 90 %) or the memory the
@@ -140,8 +152,8 @@ def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | Non
                     device_memory = torch.cuda.get_device_properties(0).total_memory
                 budget = 0.9 * device_memory
             if budget:
-                every = checkpoint_every_n_layers(memory, budget)
-                checkpointing, every_n_layers = every is not None, every or 1
+                count = layers_to_checkpoint(memory, budget)
+                checkpointing, checkpointed = count > 0, (count if 0 < count < memory.layers else None)
     else:
         checkpointing = cfg.gradient_checkpointing == "on"
     attn = attention_implementation(device, precision, model_type)
@@ -171,7 +183,7 @@ def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | Non
     liger = cfg.liger_kernel == "on" or (cfg.liger_kernel == "auto" and device == "cuda" and liger_installed
                                          and cfg.quantization == "none")
     return FastPath(device, precision, checkpointing, padding_free, shared_prefix, attn, liger,
-                    checkpoint_every_n_layers=every_n_layers)
+                    checkpointed_layers=checkpointed)
 
 
 def apply_liger_kernels(model) -> bool:
@@ -592,7 +604,7 @@ class TrainResult:
         import pandas as pd
 
         r = self.run_config["resolved"]
-        keys = ("device", "precision", "gradient_checkpointing", "checkpoint_every_n_layers", "padding_free",
+        keys = ("device", "precision", "gradient_checkpointing", "checkpointed_layers", "padding_free",
                 "shared_prefix", "liger_kernel", "fused_lora", "attn_implementation",
                 "base_model_path", "end_of_turn_token", "train_samples", "eval_samples", "resumed_from")
         rows = [(k, str(r.get(k))) for k in keys] + [("output_dir", str(self.output_dir))]
@@ -646,8 +658,6 @@ def sft_config(cfg: TrainConfig, fast: FastPath, checkpoint_dir: Path, do_eval: 
         bf16=fast.precision == "bf16",
         fp16=fast.precision == "fp16",
         activation_checkpointing=fast.gradient_checkpointing,
-        activation_checkpointing_kwargs=({"every_n_layers": fast.checkpoint_every_n_layers}
-                                         if fast.gradient_checkpointing and fast.checkpoint_every_n_layers > 1 else None),
         padding_free=fast.padding_free,
         # Padded rows waste least when samples of similar length share a batch.
         train_sampling_strategy="random" if fast.padding_free else "group_by_length",
@@ -702,6 +712,8 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
         collator = SharedPrefixCollator(tokenizer.pad_token_id,
                                         max_prefix=common_prefix_length(train_ds[:1000]["input_ids"]))
     checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
+    partial = ([_partial_checkpointing_callback(fast.checkpointed_layers)]
+               if fast.gradient_checkpointing and fast.checkpointed_layers else [])
     stop_on_nonfinite = _nonfinite_stop_callback()
     on_terminate = _terminate_callback()
     trainer = _sft_trainer_class()(
@@ -713,13 +725,13 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
         peft_config=lora_config(cfg),
         data_collator=collator,
         token_metrics=cfg.token_metrics,
-        callbacks=[stop_on_nonfinite, _progress_log_callback(), on_terminate] + list(extra_callbacks),
+        callbacks=[stop_on_nonfinite, _progress_log_callback(), on_terminate] + partial + list(extra_callbacks),
     )
     # DeepSpeed ZeRO-3 and FSDP hand out parameters through module calls; the fused forward reads them directly.
     if cfg.fused_lora and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
         fast = dataclasses.replace(fast, fused_lora=fuse_lora_forwards(trainer.model) > 0)
     if memory:
-        chosen = checkpointed_layers(memory.layers, fast.checkpoint_every_n_layers) if fast.gradient_checkpointing else 0
+        chosen = (fast.checkpointed_layers or memory.layers) if fast.gradient_checkpointing else 0
         log.info("fast path: %s (estimated peak: %.1f GiB without checkpointing, %.1f GiB with %d of %d layers "
                  "checkpointed)", fast, memory.peak() / 2**30, memory.peak(chosen) / 2**30, chosen, memory.layers)
     else:

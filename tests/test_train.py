@@ -328,7 +328,7 @@ def test_checkpointing_turns_on_when_the_longest_batch_would_not_fit():
                                 device_memory=H100).gradient_checkpointing
     forced = choose_fast_path(TrainConfig(precision="bf16", gradient_checkpointing="on"), "cuda", need[4],
                               device_memory=H100)
-    assert (forced.gradient_checkpointing, forced.checkpoint_every_n_layers) == (True, 1)
+    assert (forced.gradient_checkpointing, forced.checkpointed_layers) == (True, None)  # None: every layer
     # The one measured point (README, Speed): 30.8 GiB peak for batches of 4 samples of ~507 tokens (638 at most).
     measured = 30.8 * 2**30
     assert measured <= _qwen2_7b_memory(4 * 638).peak() <= 1.25 * measured
@@ -336,34 +336,29 @@ def test_checkpointing_turns_on_when_the_longest_batch_would_not_fit():
 
 @pytest.mark.parametrize("batch, card", [(8, H100), (4, L40S), (4, A100_40GB), (16, H100)])
 def test_auto_checkpoints_only_as_many_layers_as_the_card_needs(batch, card):
-    """Where the batch does not fit, `auto` checkpoints every n-th layer for the largest n that fits: the
-    estimate with that n stays within 90 % of the card, and with the next larger n (fewer layers) it would not."""
-    from ironman_nb.train import checkpointed_layers
-
+    """Where the batch does not fit, `auto` checkpoints the fewest layers that fit: the estimate with them stays
+    within 90 % of the card, with one layer fewer it would not."""
     memory = _qwen2_7b_memory(batch * 1024)
     fast = choose_fast_path(TrainConfig(precision="bf16"), "cuda", memory, device_memory=card)
-    every, layers = fast.checkpoint_every_n_layers, memory.layers
     assert fast.gradient_checkpointing
-    fits = memory.peak(checkpointed_layers(layers, every)) <= 0.9 * card
-    assert fits or every == 1  # nothing fits: all layers, the most checkpointing can do
-    if every < layers:
-        assert memory.peak(checkpointed_layers(layers, every + 1)) > 0.9 * card
+    count = fast.checkpointed_layers or memory.layers
+    assert memory.peak(count) <= 0.9 * card or count == memory.layers  # nothing fits: all, the most it can do
+    assert memory.peak(count - 1) > 0.9 * card
     # Partial checkpointing is the point: on these cards it recomputes fewer layers than all of them.
     if (batch, card) in ((8, H100), (4, L40S), (4, A100_40GB)):
-        assert every > 1 and checkpointed_layers(layers, every) < layers
+        assert 0 < fast.checkpointed_layers < memory.layers
 
 
 def test_max_memory_gib_sets_the_budget_on_any_device():
     """`max_memory_gib` replaces 90 % of the card as the budget `auto` plans for, also on a CPU (where it
     otherwise never checkpoints); the shared prefix then steps aside, as with checkpointing on."""
     from ironman_nb.config import ConfigError
-    from ironman_nb.train import checkpointed_layers
 
     memory = _qwen2_7b_memory(4 * 1024)
     assert not choose_fast_path(TrainConfig(precision="bf16"), "cuda", memory, device_memory=H100).gradient_checkpointing
     capped = choose_fast_path(TrainConfig(precision="bf16", max_memory_gib=40), "cuda", memory, device_memory=H100)
-    assert capped.gradient_checkpointing and capped.checkpoint_every_n_layers > 1
-    assert memory.peak(checkpointed_layers(memory.layers, capped.checkpoint_every_n_layers)) <= 40 * 2**30
+    assert capped.gradient_checkpointing and 0 < capped.checkpointed_layers < memory.layers
+    assert memory.peak(capped.checkpointed_layers) <= 40 * 2**30
     on_cpu = choose_fast_path(TrainConfig(precision="bf16", max_memory_gib=40), "cpu", memory, model_type="qwen2")
     assert (on_cpu.gradient_checkpointing, on_cpu.shared_prefix) == (True, False)
     roomy = choose_fast_path(TrainConfig(precision="bf16", max_memory_gib=60), "cpu", memory, model_type="qwen2")
@@ -373,13 +368,18 @@ def test_max_memory_gib_sets_the_budget_on_any_device():
 
 
 def test_memory_estimate_falls_as_layers_are_checkpointed():
-    from ironman_nb.train import checkpointed_layers
-
     memory = _qwen2_7b_memory(4096)
-    assert [checkpointed_layers(28, n) for n in (1, 2, 3, 28, 40)] == [28, 14, 10, 1, 1]
     peaks = [memory.peak(c) for c in range(memory.layers + 1)]
     assert all(a > b for a, b in zip(peaks, peaks[1:]))
     assert peaks[-1] - memory.weights - memory.logits == 28 * memory.layer_input
+
+
+def test_checkpointed_layers_are_spread_evenly():
+    from ironman_nb.train import spread_layers
+
+    assert spread_layers(14, 28) == list(range(0, 28, 2))  # as transformers' every_n_layers=2
+    assert spread_layers(3, 28) == [0, 9, 18] and spread_layers(1, 28) == [0]
+    assert all(len(set(spread_layers(k, 28))) == k and max(spread_layers(k, 28)) < 28 for k in range(1, 29))
 
 
 def test_memory_estimate_counts_the_weights_as_loaded(tmp_path, tiny_model_dir, monkeypatch):
@@ -406,8 +406,9 @@ def test_memory_estimate_counts_the_weights_as_loaded(tmp_path, tiny_model_dir, 
 
 
 def test_partial_checkpointing_gives_the_plain_gradients(tmp_path, tiny_model_dir, monkeypatch):
-    """Checkpointing every 2nd layer checkpoints layer 0 only (of 2), and the optimizer sees the gradients of
-    training without checkpointing."""
+    """Checkpointing 1 of the 2 layers checkpoints layer 0 only (transformers turns on all when training starts;
+    the project's callback turns layer 1 back off), and the optimizer sees the gradients of training without
+    checkpointing."""
     import dataclasses
 
     import torch
@@ -416,22 +417,22 @@ def test_partial_checkpointing_gives_the_plain_gradients(tmp_path, tiny_model_di
 
     choose = train_module.choose_fast_path
     grads, flags = {}, {}
-    for every in (None, 2):
-        if every:
+    for count in (None, 1):
+        if count:
             monkeypatch.setattr(train_module, "choose_fast_path", lambda *a, **k: dataclasses.replace(
-                choose(*a, **k), gradient_checkpointing=True, checkpoint_every_n_layers=every))
+                choose(*a, **k), gradient_checkpointing=True, checkpointed_layers=count))
         capture = _gradients_before_step()
-        cfg = tiny_cfg(tmp_path / str(every), tiny_model_dir, max_steps=2, eval_steps=0, save_steps=100,
+        cfg = tiny_cfg(tmp_path / str(count), tiny_model_dir, max_steps=2, eval_steps=0, save_steps=100,
                        **BATCH_MODES["padded"])
         setup = build_trainer(cfg, extra_callbacks=[capture])
         capture.model = setup.trainer.model
         setup.trainer.train()
-        grads[every] = capture.steps
+        grads[count] = capture.steps
         layers = setup.trainer.model.base_model.model.model.layers
-        flags[every] = [layer.gradient_checkpointing for layer in layers]
-    assert flags == {None: [False, False], 2: [True, False]}
-    assert len(grads[None]) == len(grads[2]) == 2
-    for plain, partial in zip(grads[None], grads[2]):
+        flags[count] = [layer.gradient_checkpointing for layer in layers]
+    assert flags == {None: [False, False], 1: [True, False]}
+    assert len(grads[None]) == len(grads[1]) == 2
+    for plain, partial in zip(grads[None], grads[1]):
         assert plain.keys() == partial.keys() and plain
         for name in plain:
             assert torch.allclose(plain[name], partial[name], rtol=1e-5, atol=1e-7), name
