@@ -448,15 +448,23 @@ def main(argv: list[str] | None = None) -> int:
     prep_p = sub.add_parser("prepare", help="notebook 01 on a large generated sheet")
     prep_p.add_argument("--rows", type=int, default=100_000)
     ns = parser.parse_args(argv)
-    if ns.command == "prepare":
-        bench_prepare(ns.rows)
-    elif ns.command == "train":
-        bench_train(BenchArgs(model=ns.model, steps=ns.steps, warmup=ns.warmup, batch=ns.batch, accum=ns.accum,
-                              rounds=ns.rounds, max_length=ns.max_length, lora_r=ns.lora_r, tokenizer=ns.tokenizer,
-                              configs=tuple(c for c in ns.configs.split(";") if c), quantization=ns.quantization,
-                              scratch=ns.scratch, isolate=ns.isolate))
-    else:
-        bench_generate(ns.model, ns.prompts, ns.new_tokens, ns.batch, tokenizer_name=ns.tokenizer)
+    # stdout carries only the JSON lines; anything else printed meanwhile (DeepSpeed's import-time warning,
+    # the trainers' logs) goes to stderr.
+    stdout = sys.stdout
+
+    def emit(line: str) -> None:
+        print(line, file=stdout, flush=True)
+
+    with contextlib.redirect_stdout(sys.stderr):
+        if ns.command == "prepare":
+            bench_prepare(ns.rows, emit=emit)
+        elif ns.command == "train":
+            bench_train(BenchArgs(model=ns.model, steps=ns.steps, warmup=ns.warmup, batch=ns.batch, accum=ns.accum,
+                                  rounds=ns.rounds, max_length=ns.max_length, lora_r=ns.lora_r,
+                                  tokenizer=ns.tokenizer, configs=tuple(c for c in ns.configs.split(";") if c),
+                                  quantization=ns.quantization, scratch=ns.scratch, isolate=ns.isolate), emit=emit)
+        else:
+            bench_generate(ns.model, ns.prompts, ns.new_tokens, ns.batch, emit=emit, tokenizer_name=ns.tokenizer)
     return 0
 
 

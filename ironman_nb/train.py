@@ -66,7 +66,7 @@ class MemoryEstimate:
     a checkpointed layer keeps only its input (hidden), and one layer's activations live again while it is
     recomputed, after the logits are gone; and the logits at every position, though the loss keeps them only at
     answer positions (bf16 and their bf16 gradient: 4 bytes per vocabulary entry; loss.summed_cross_entropy
-    makes no fp32 copies). Measured on one H100, Qwen2-7B shape, batches of 4 persona samples (~507 tokens on
+    makes no fp32 copies, and drop_fp32_output_cast removes accelerate's). Measured on one H100, Qwen2-7B shape, batches of 4 persona samples (~507 tokens on
     average, 638 at most), no checkpointing: 30.8 GiB, with the earlier loss that held ~12 bytes per entry of
     fp32 copies; this gives 29.8 GiB at the average length and 33.8 at the longest.
     (Autograd's saved tensors alone, counted on a CPU under bf16 autocast: ≈ 8.8·hidden + 4·intermediate with
@@ -397,6 +397,50 @@ class _HeldPrefix:
             torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
 
 
+@contextlib.contextmanager
+def answer_rows_only(model, rows):
+    """Within this block the model's LM head runs only on the hidden states where `rows` (batch × kept
+    positions, bool) is True: logits (rows, vocabulary) for the answer tokens and nothing else.
+
+    `logits_to_keep` takes one index for every row of the batch, so it keeps each position that is an answer in
+    *some* row: the other rows' prompt and padding there too (15-20 % more rows for 4 persona samples).
+    """
+    head = model.get_output_embeddings()
+
+    def select(module, args):
+        hidden = args[0]
+        if hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(rows.shape):
+            return (hidden[rows], *args[1:])
+        return None
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def drop_fp32_output_cast(model) -> bool:
+    """Undo accelerate's cast of every output to fp32 under mixed precision (autocast stays); True if there was one.
+
+    For a causal LM that cast is a full fp32 copy of the logits (answer rows × vocabulary: 49k-152k entries
+    each) and, in the backward, of their gradient. The loss reads bf16 / fp16 logits a chunk at a time in fp32
+    (loss.summed_cross_entropy), so the copy only costs: time, and on a GPU ~1.2 GiB per 1,000 answer tokens of
+    Qwen2's vocabulary, forward and backward each.
+    """
+    import types
+
+    from accelerate.utils.operations import ConvertOutputsToFp32
+
+    forward = getattr(model, "forward", None)
+    bound = hasattr(forward, "__func__")  # accelerate wraps a bound forward's function, else the callable
+    converter = getattr(forward.__func__ if bound else forward, "__wrapped__", None)
+    if not isinstance(converter, ConvertOutputsToFp32):
+        return False
+    model.forward = types.MethodType(converter.model_forward, model) if bound else converter.model_forward
+    return True
+
+
 def _sft_trainer_class():
     import torch
     from trl import SFTTrainer
@@ -430,25 +474,31 @@ def _sft_trainer_class():
 
         @torch.no_grad()
         def _log_token_metrics(self, logits, targets, mode: str) -> None:
-            """TRL's per-step entropy and top-1 accuracy at the answer positions (a full-vocabulary pass each)."""
-            valid = targets != -100
-            log_probs = logits[valid].log_softmax(-1)
+            """TRL's per-step entropy and top-1 accuracy at the answer positions (a full-vocabulary pass each).
+
+            logits: (answer tokens, vocabulary); targets: (answer tokens,)."""
+            log_probs = logits.log_softmax(-1)
             entropy = -(log_probs.exp() * log_probs).sum(-1).sum()
-            correct = (logits[valid].argmax(-1) == targets[valid]).sum()
+            correct = (logits.argmax(-1) == targets).sum()
             gather = self.accelerator.gather_for_metrics
-            count = gather(valid.sum()).sum()
+            count = gather(torch.tensor(targets.numel(), device=targets.device)).sum()
             if count > 0:
                 self._metrics[mode]["entropy"].append((gather(entropy).sum() / count).item())
                 self._metrics[mode]["mean_token_accuracy"].append((gather(correct).sum() / count).item())
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            drop_fp32_output_cast(model)  # once accelerate has wrapped the model; a no-op after that
             labels = inputs.pop("labels")
             prefix = inputs.pop("prefix_ids", None)
             targets = labels[:, 1:]
             keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)
+            kept_targets = targets[:, keep]
+            answers = kept_targets != -100
+            head_rows = answer_rows_only(self.accelerator.unwrap_model(model), answers)
             if prefix is None:
                 # Packed rows (position_ids, no mask) attend within each sample only without a KV cache.
-                outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
+                with head_rows:
+                    outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
                 prefix_tokens = 0
             else:
                 ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -460,14 +510,17 @@ def _sft_trainer_class():
                     cache.batch_repeat_interleave(batch)
                 positions = torch.arange(prefix_tokens, prefix_tokens + width, device=ids.device)[None].expand(batch, -1)
                 full_mask = torch.cat([mask.new_ones(batch, prefix_tokens), mask], dim=1)
-                outputs = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, cache=cache,
-                                use_cache=True, logits_to_keep=keep)
+                with head_rows:
+                    outputs = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, cache=cache,
+                                    use_cache=True, logits_to_keep=keep)
             logits = outputs.logits
-            kept_targets = targets[:, keep]
-            loss_sum = summed_cross_entropy(logits.reshape(-1, logits.size(-1)), kept_targets.reshape(-1))
+            if logits.dim() == 3:  # a model that called its head in another shape than answer_rows_only expects
+                logits = logits[answers]
+            answer_targets = kept_targets[answers]
+            loss_sum = summed_cross_entropy(logits, answer_targets)
             if self.token_metrics:
-                self._log_token_metrics(logits.detach().float(), kept_targets, "train" if model.training else "eval")
-            count = num_items_in_batch if num_items_in_batch is not None else (kept_targets != -100).sum()
+                self._log_token_metrics(logits.detach().float(), answer_targets, "train" if model.training else "eval")
+            count = num_items_in_batch if num_items_in_batch is not None else answer_targets.numel()
             loss = loss_sum / torch.as_tensor(count, device=loss_sum.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes

@@ -82,3 +82,19 @@ def test_train_benchmark_precision_follows_trl_defaults_and_overrides(monkeypatc
     assert [(r["config"], r["precision"], r["fast_path"]["attn_implementation"]) for r in runs] == [
         ("baseline", "bf16", "sdpa"), ("baseline:bf16=false", "fp32", "sdpa"),
         ("project", "bf16", "grouped_matmul"), ("project:precision=fp32", "fp32", "sdpa")]
+
+
+def test_command_line_prints_only_json_lines_on_stdout(monkeypatch, capsys):
+    """What a run prints besides its results (DeepSpeed's import warning, trainer logs) goes to stderr, so
+    `python -m ironman_nb.bench train > results.jsonl` stays parseable."""
+    from ironman_nb import bench
+
+    def noisy_bench_generate(*args, emit=print, **kwargs):
+        print("[WARNING] Setting accelerator to CPU.")
+        emit(json.dumps({"summary": "generate", "ratio": 5.0}))
+
+    monkeypatch.setattr(bench, "bench_generate", noisy_bench_generate)
+    assert bench.main(["generate"]) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(line) for line in captured.out.splitlines()] == [{"summary": "generate", "ratio": 5.0}]
+    assert "Setting accelerator" in captured.err

@@ -293,6 +293,51 @@ def test_token_metrics_only_when_asked(tmp_path, tiny_model_dir, token_metrics):
     assert logged["mean_token_accuracy"] == [pytest.approx(accuracy, abs=1e-6)]
 
 
+@pytest.mark.parametrize("mode", BATCH_MODES)
+def test_lm_head_runs_only_on_answer_rows(tmp_path, tiny_model_dir, mode):
+    """The LM head sees one row per answer token, not every position that is an answer in some sample."""
+    trainer = build_trainer(tiny_cfg(tmp_path, tiny_model_dir, **BATCH_MODES[mode])).trainer
+    samples = [trainer.train_dataset[i] for i in range(3)]
+    batch = trainer.data_collator(samples)
+    targets = batch["labels"][:, 1:] != -100
+    head_rows = []
+    head = trainer.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, output: head_rows.append(output.shape[:-1].numel()))
+    try:
+        trainer.compute_loss(trainer.model, dict(batch))
+    finally:
+        handle.remove()
+    answers = int(targets.sum())
+    prefix_pass = [1] if mode == "shared prefix" else []  # the prefix pass keeps its last position's logits
+    assert head_rows == prefix_pass + [answers]
+    if mode != "packed":  # padded rows: the union of answer columns has more rows, or the test shows nothing
+        assert targets.any(dim=0).sum() * len(samples) > answers
+
+
+def test_mixed_precision_logits_stay_bf16(tmp_path, tiny_model_dir, monkeypatch):
+    """Under bf16 mixed precision the loss gets the model's bf16 logits, not accelerate's fp32 copy of them."""
+    import ironman_nb.loss
+
+    seen = []
+    original = ironman_nb.loss.summed_cross_entropy
+
+    def recording(logits, targets, rows=None):
+        seen.append(logits.dtype)
+        return original(logits, targets, rows)
+
+    monkeypatch.setattr(ironman_nb.loss, "summed_cross_entropy", recording)
+    import torch
+
+    setup = build_trainer(tiny_cfg(tmp_path, tiny_model_dir, precision="bf16", max_steps=1, eval_steps=0))
+    assert setup.trainer.args.bf16  # accelerate's mixed precision, which casts outputs to fp32
+    autocast = []
+    setup.trainer.model.get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: autocast.append(torch.is_autocast_enabled("cpu")))
+    setup.trainer.train()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert autocast and all(autocast)  # the cast is gone, autocast is not
+
+
 def test_cuda_fast_path():
     """On a GPU: padded rows, no checkpointing while memory allows, Liger when installed (no shared prefix:
     it measured slower there); the 4-bit profile checkpoints and keeps Liger off."""
