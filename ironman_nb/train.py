@@ -132,11 +132,23 @@ def _partial_checkpointing_callback(count: int):
 
 
 def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | None = None, world_size: int = 1,
-                     device_memory: int | None = None, model_type: str | None = None) -> FastPath:
-    """`memory`: estimate_training_memory of the longest batch; `device_memory`: the GPU's (default: asked, when
+                     device_memory: int | None = None, model_type: str | None = None,
+                     prefix_memory: MemoryEstimate | None = None) -> FastPath:
+    """`memory`: estimate_training_memory of the longest batch; `prefix_memory`: the same with the shared prefix
+    (its tokens held once, not once per sample); `device_memory`: the GPU's (default: asked, when
     `cfg.max_memory_gib` does not set the budget); `model_type`: the model's, for the attention implementation."""
     precision = resolve_precision(cfg.precision, device)
-    checkpointed = None
+    # The shared system-turn prefix needs padded rows and a KV cache (no checkpointing). On a CPU, where time
+    # follows FLOPs, it saves more than packing (the persona prompt is ~45 % of each sample). On an H100 it ran
+    # slower than plain padded rows (3,200-3,400 vs 5,039 tokens/s, Qwen2-7B shape; README, Speed): the batch-1
+    # prefix pass, the cache copies and the masked attention cost more there than the FLOPs saved.
+    # Two forward calls per backward (prefix, then samples) are not for DDP / ZeRO gradient hooks.
+    if cfg.shared_prefix == "auto":
+        prefix_wanted = (device != "cuda" and cfg.per_device_train_batch_size >= 2 and cfg.padding_free != "on"
+                         and world_size == 1)
+    else:
+        prefix_wanted = cfg.shared_prefix == "on"
+    checkpointed, budget = None, 0.0
     if cfg.gradient_checkpointing == "auto":
         # Checkpointing costs up to ~1/3 more compute; pay it only where training without it would not fit the
         # card (the estimate runs high; the CUDA context and fragmentation take a share: 90 %) or the memory the
@@ -151,22 +163,16 @@ def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | Non
 
                     device_memory = torch.cuda.get_device_properties(0).total_memory
                 budget = 0.9 * device_memory
-            if budget:
-                count = layers_to_checkpoint(memory, budget)
-                checkpointing, checkpointed = count > 0, (count if 0 < count < memory.layers else None)
+        # With the shared prefix the batch holds its samples' suffixes and one prefix; it needs no checkpointing
+        # where that fits, even if the whole samples would not.
+        prefix_fits = prefix_wanted and (not budget or (prefix_memory or memory).peak() <= budget)
+        if budget and not prefix_fits:
+            count = layers_to_checkpoint(memory, budget)
+            checkpointing, checkpointed = count > 0, (count if 0 < count < memory.layers else None)
     else:
         checkpointing = cfg.gradient_checkpointing == "on"
     attn = attention_implementation(device, precision, model_type)
-    # The shared system-turn prefix needs padded rows and a KV cache (no checkpointing). On a CPU, where time
-    # follows FLOPs, it saves more than packing (the persona prompt is ~45 % of each sample). On an H100 it ran
-    # slower than plain padded rows (3,200-3,400 vs 5,039 tokens/s, Qwen2-7B shape; README, Speed): the batch-1
-    # prefix pass, the cache copies and the masked attention cost more there than the FLOPs saved.
-    if cfg.shared_prefix == "auto":
-        # Two forward calls per backward (prefix, then samples) are not for DDP / ZeRO gradient hooks.
-        shared_prefix = (device != "cuda" and not checkpointing and cfg.per_device_train_batch_size >= 2
-                         and cfg.padding_free != "on" and world_size == 1)
-    else:
-        shared_prefix = cfg.shared_prefix == "on"
+    shared_prefix = prefix_wanted and not (checkpointing and cfg.shared_prefix == "auto")
     if cfg.padding_free == "auto":
         # Packed rows save the padding; on CUDA, sdpa with the per-sample mask measured slower than padding,
         # so pack there only with flash attention's varlen kernels.
@@ -174,7 +180,13 @@ def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | Non
     else:
         padding_free = cfg.padding_free == "on"
     if shared_prefix and (padding_free or checkpointing):
-        raise ConfigError("TrainConfig.shared_prefix: 'on' needs padding_free and gradient_checkpointing off")
+        over = ""
+        if checkpointing and cfg.gradient_checkpointing == "auto":
+            peak = (prefix_memory or memory).peak()
+            over = (f" (auto turned checkpointing on: the estimated peak with the shared prefix, {peak / 2**30:.1f} "
+                    f"GiB, is over the {budget / 2**30:.1f} GiB budget; lower per_device_train_batch_size or "
+                    "max_length, raise max_memory_gib, or set shared_prefix='off')")
+        raise ConfigError("TrainConfig.shared_prefix: 'on' needs padding_free and gradient_checkpointing off" + over)
     liger_installed = importlib.util.find_spec("liger_kernel") is not None
     if cfg.liger_kernel == "on" and (device != "cuda" or not liger_installed):
         raise ConfigError("TrainConfig.liger_kernel: 'on' needs a CUDA GPU and `pip install liger-kernel` "
@@ -750,20 +762,23 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     precision = resolve_precision(cfg.precision, device)
     if model is None:
         model = load_model(cfg.base_model, precision, device, cfg.quantization)
-    longest_batch = cfg.per_device_train_batch_size * longest_sample(train_ds)
-    memory = estimate_training_memory(model.config, sum(p.numel() * p.element_size() for p in model.parameters()),
-                                      precision, longest_batch)
+    batch, longest = cfg.per_device_train_batch_size, longest_sample(train_ds)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    memory = estimate_training_memory(model.config, weight_bytes, precision, batch * longest)
+    # The persona system turn every sample starts with. Measured on the first rows: a cap too long for a later
+    # batch only makes its step run the prefix twice.
+    prefix = common_prefix_length(train_ds[:1000]["input_ids"])
+    prefix_memory = (estimate_training_memory(model.config, weight_bytes, precision, batch * (longest - prefix) + prefix)
+                     if prefix >= SharedPrefixCollator.min_prefix else None)
     fast = choose_fast_path(cfg, device, memory, int(os.environ.get("WORLD_SIZE", "1")),
-                            model_type=model.config.model_type)
+                            model_type=model.config.model_type, prefix_memory=prefix_memory)
     if model.config._attn_implementation != fast.attn_implementation:
         model.set_attn_implementation(fast.attn_implementation)
     if fast.liger_kernel and not apply_liger_kernels(model):
         fast = dataclasses.replace(fast, liger_kernel=False)
     collator = None
     if fast.shared_prefix:
-        # Measured on the first rows: a cap too long for a later batch only makes its step run the prefix twice.
-        collator = SharedPrefixCollator(tokenizer.pad_token_id,
-                                        max_prefix=common_prefix_length(train_ds[:1000]["input_ids"]))
+        collator = SharedPrefixCollator(tokenizer.pad_token_id, max_prefix=prefix)
     checkpoint_dir = Path(cfg.output_dir) / "checkpoints"
     partial = ([_partial_checkpointing_callback(fast.checkpointed_layers)]
                if fast.gradient_checkpointing and fast.checkpointed_layers else [])
@@ -785,8 +800,9 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
         fast = dataclasses.replace(fast, fused_lora=fuse_lora_forwards(trainer.model) > 0)
     if memory:
         chosen = (fast.checkpointed_layers or memory.layers) if fast.gradient_checkpointing else 0
+        planned = prefix_memory if fast.shared_prefix and prefix_memory else memory
         log.info("fast path: %s (estimated peak: %.1f GiB without checkpointing, %.1f GiB with %d of %d layers "
-                 "checkpointed)", fast, memory.peak() / 2**30, memory.peak(chosen) / 2**30, chosen, memory.layers)
+                 "checkpointed)", fast, planned.peak() / 2**30, planned.peak(chosen) / 2**30, chosen, memory.layers)
     else:
         log.info("fast path: %s (peak memory not estimated for this architecture)", fast)
     return TrainerSetup(trainer, fast, train_records, len(train_ds), len(eval_ds) if eval_ds is not None else 0,

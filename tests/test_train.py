@@ -412,6 +412,30 @@ def test_max_memory_gib_sets_the_budget_on_any_device():
         TrainConfig(max_memory_gib=-1)
 
 
+def test_shared_prefix_plans_memory_for_the_suffixes_it_holds():
+    """With the shared prefix a batch holds one prefix and its samples' suffixes: `auto` plans with that, so a
+    budget the whole samples would overflow keeps the prefix and skips checkpointing; where even that does not
+    fit, shared_prefix='on' is refused with the estimate, and 'auto' checkpoints without the prefix."""
+    from ironman_nb.config import ConfigError
+
+    prefix = 244  # the persona system turn, in tokens of the embedded tokenizer
+    memory, prefix_memory = _qwen2_7b_memory(4 * 1024), _qwen2_7b_memory(4 * (1024 - prefix) + prefix)
+    budget = 42
+    assert prefix_memory.peak() <= budget * 2**30 < memory.peak()  # else the test shows nothing
+    for device in ("cpu", "cuda"):
+        shared = "auto" if device == "cpu" else "on"  # auto keeps it off on a GPU (it measured slower there)
+        cfg = TrainConfig(precision="bf16", max_memory_gib=budget, shared_prefix=shared)
+        fast = choose_fast_path(cfg, device, memory, model_type="qwen2", prefix_memory=prefix_memory)
+        assert (fast.shared_prefix, fast.gradient_checkpointing, fast.padding_free) == (True, False, False)
+    tight = TrainConfig(precision="bf16", max_memory_gib=30, shared_prefix="on")
+    with pytest.raises(ConfigError, match=r"estimated peak with the shared prefix, \d+\.\d GiB, is over the 30\.0 GiB"):
+        choose_fast_path(tight, "cuda", memory, model_type="qwen2", prefix_memory=prefix_memory)
+    fallback = choose_fast_path(TrainConfig(precision="bf16", max_memory_gib=30), "cpu", memory, model_type="qwen2",
+                                prefix_memory=prefix_memory)
+    assert (fallback.shared_prefix, fallback.gradient_checkpointing) == (False, True)
+    assert memory.peak(fallback.checkpointed_layers or memory.layers) <= 30 * 2**30
+
+
 def test_memory_estimate_falls_as_layers_are_checkpointed():
     memory = _qwen2_7b_memory(4096)
     peaks = [memory.peak(c) for c in range(memory.layers + 1)]
