@@ -418,6 +418,9 @@ def answer_rows_only(model, rows):
     *some* row: the other rows' prompt and padding there too (15-20 % more rows for 4 persona samples).
     """
     head = model.get_output_embeddings()
+    if head is None:  # compute_loss then selects the answer rows from the logits
+        yield
+        return
 
     def select(module, args):
         hidden = args[0]
@@ -499,14 +502,15 @@ def _sft_trainer_class():
                 self._metrics[mode]["mean_token_accuracy"].append((gather(correct).sum() / count).item())
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            drop_fp32_output_cast(model)  # once accelerate has wrapped the model; a no-op after that
+            inner = self.accelerator.unwrap_model(model)  # the model inside DDP / FSDP / DeepSpeed, if any
+            drop_fp32_output_cast(inner)  # once accelerate has wrapped the model; a no-op after that
             labels = inputs.pop("labels")
             prefix = inputs.pop("prefix_ids", None)
             targets = labels[:, 1:]
             keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)
             kept_targets = targets[:, keep]
             answers = kept_targets != -100
-            head_rows = answer_rows_only(self.accelerator.unwrap_model(model), answers)
+            head_rows = answer_rows_only(inner, answers)
             if prefix is None:
                 # Packed rows (position_ids, no mask) attend within each sample only without a KV cache.
                 with head_rows:

@@ -338,6 +338,36 @@ def test_mixed_precision_logits_stay_bf16(tmp_path, tiny_model_dir, monkeypatch)
     assert autocast and all(autocast)  # the cast is gone, autocast is not
 
 
+def test_mixed_precision_logits_stay_bf16_inside_ddp(tmp_path, tiny_model_dir, monkeypatch):
+    """Accelerate casts outputs to fp32 on the model *inside* DDP (it wraps after patching forward): the trainer
+    undoes it there too, so several processes train on bf16 logits as well. (One gloo process here.)"""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    import ironman_nb.loss
+
+    seen = []
+    original = ironman_nb.loss.summed_cross_entropy
+    monkeypatch.setattr(ironman_nb.loss, "summed_cross_entropy",
+                        lambda logits, targets, rows=None: seen.append(logits.dtype) or original(logits, targets, rows))
+    trainer = build_trainer(tiny_cfg(tmp_path, tiny_model_dir, precision="bf16", eval_steps=0)).trainer
+    model = trainer.accelerator.prepare_model(trainer.model)  # one process: accelerate patches forward, no DDP
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(model)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+        trainer.compute_loss(wrapped, dict(batch)).backward()
+    finally:
+        dist.destroy_process_group()
+    assert seen == [torch.bfloat16]
+
+
 def test_cuda_fast_path():
     """On a GPU: padded rows, no checkpointing while memory allows, Liger when installed (no shared prefix:
     it measured slower there); the 4-bit profile checkpoints and keeps Liger off."""
