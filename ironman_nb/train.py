@@ -66,9 +66,10 @@ class MemoryEstimate:
     a checkpointed layer keeps only its input (hidden), and one layer's activations live again while it is
     recomputed, after the logits are gone; and the logits at every position, though the loss keeps them only at
     answer positions (bf16 and their bf16 gradient: 4 bytes per vocabulary entry; loss.summed_cross_entropy
-    makes no fp32 copies, and drop_fp32_output_cast removes accelerate's). Measured on one H100, Qwen2-7B shape, batches of 4 persona samples (~507 tokens on
-    average, 638 at most), no checkpointing: 30.8 GiB, with the earlier loss that held ~12 bytes per entry of
-    fp32 copies; this gives 29.8 GiB at the average length and 33.8 at the longest.
+    makes no fp32 copies, and drop_fp32_output_cast removes accelerate's). Measured on one H100, Qwen2-7B shape,
+    batches of 4 persona samples (~507 tokens on average, 638 at most), no checkpointing: 30.8 GiB, with the
+    earlier loss that held ~12 bytes per entry of fp32 copies; this gives 29.8 GiB at the average length and
+    33.8 at the longest.
     (Autograd's saved tensors alone, counted on a CPU under bf16 autocast: ≈ 8.8·hidden + 4·intermediate with
     the fused LoRA forward, 12.8·hidden + 4·intermediate with PEFT's; the rest is temporaries.)
     """
@@ -148,7 +149,7 @@ def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | Non
                          and world_size == 1)
     else:
         prefix_wanted = cfg.shared_prefix == "on"
-    checkpointed, budget = None, 0.0
+    checkpointed, budget, prefix_peak = None, 0.0, 0
     if cfg.gradient_checkpointing == "auto":
         # Checkpointing costs up to ~1/3 more compute; pay it only where training without it would not fit the
         # card (the estimate runs high; the CUDA context and fragmentation take a share: 90 %) or the memory the
@@ -165,8 +166,8 @@ def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | Non
                 budget = 0.9 * device_memory
         # With the shared prefix the batch holds its samples' suffixes and one prefix; it needs no checkpointing
         # where that fits, even if the whole samples would not.
-        prefix_fits = prefix_wanted and (not budget or (prefix_memory or memory).peak() <= budget)
-        if budget and not prefix_fits:
+        prefix_peak = (prefix_memory or memory).peak() if budget else 0
+        if budget and not (prefix_wanted and prefix_peak <= budget):
             count = layers_to_checkpoint(memory, budget)
             checkpointing, checkpointed = count > 0, (count if 0 < count < memory.layers else None)
     else:
@@ -182,10 +183,9 @@ def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | Non
     if shared_prefix and (padding_free or checkpointing):
         over = ""
         if checkpointing and cfg.gradient_checkpointing == "auto":
-            peak = (prefix_memory or memory).peak()
-            over = (f" (auto turned checkpointing on: the estimated peak with the shared prefix, {peak / 2**30:.1f} "
-                    f"GiB, is over the {budget / 2**30:.1f} GiB budget; lower per_device_train_batch_size or "
-                    "max_length, raise max_memory_gib, or set shared_prefix='off')")
+            over = (" (auto turned checkpointing on: the estimated peak with the shared prefix, "
+                    f"{prefix_peak / 2**30:.1f} GiB, is over the {budget / 2**30:.1f} GiB budget; lower "
+                    "per_device_train_batch_size or max_length, raise max_memory_gib, or set shared_prefix='off')")
         raise ConfigError("TrainConfig.shared_prefix: 'on' needs padding_free and gradient_checkpointing off" + over)
     liger_installed = importlib.util.find_spec("liger_kernel") is not None
     if cfg.liger_kernel == "on" and (device != "cuda" or not liger_installed):
@@ -440,8 +440,8 @@ def drop_fp32_output_cast(model) -> bool:
 
     For a causal LM that cast is a full fp32 copy of the logits (answer rows × vocabulary: 49k-152k entries
     each) and, in the backward, of their gradient. The loss reads bf16 / fp16 logits a chunk at a time in fp32
-    (loss.summed_cross_entropy), so the copy only costs: time, and on a GPU ~1.2 GiB per 1,000 answer tokens of
-    Qwen2's vocabulary, forward and backward each.
+    (loss.summed_cross_entropy), so the copy is pure cost: time, and memory — ~0.6 GiB per 1,000 answer tokens
+    of Qwen2's 152k vocabulary, and as much again for the gradient.
     """
     import types
 
@@ -772,8 +772,10 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     # The persona system turn every sample starts with. Measured on the first rows: a cap too long for a later
     # batch only makes its step run the prefix twice.
     prefix = common_prefix_length(train_ds[:1000]["input_ids"])
-    prefix_memory = (estimate_training_memory(model.config, weight_bytes, precision, batch * (longest - prefix) + prefix)
-                     if prefix >= SharedPrefixCollator.min_prefix else None)
+    prefix_memory = None
+    if prefix >= SharedPrefixCollator.min_prefix:
+        prefix_memory = estimate_training_memory(model.config, weight_bytes, precision,
+                                                 batch * (longest - prefix) + prefix)
     fast = choose_fast_path(cfg, device, memory, int(os.environ.get("WORLD_SIZE", "1")),
                             model_type=model.config.model_type, prefix_memory=prefix_memory)
     if model.config._attn_implementation != fast.attn_implementation:
