@@ -411,11 +411,12 @@ class _HeldPrefix:
 
 @contextlib.contextmanager
 def answer_rows_only(model, rows):
-    """Within this block the model's LM head runs only on the hidden states where `rows` (batch × kept
-    positions, bool) is True: logits (rows, vocabulary) for the answer tokens and nothing else.
+    """Within this block the model's LM head runs only on the hidden states where `rows` (batch × positions,
+    bool) is True: logits (rows, vocabulary) for the answer tokens and nothing else.
 
-    `logits_to_keep` takes one index for every row of the batch, so it keeps each position that is an answer in
-    *some* row: the other rows' prompt and padding there too (15-20 % more rows for 4 persona samples).
+    transformers' `logits_to_keep` takes one list of positions for the whole batch, so it would keep each position
+    that is an answer in *some* row: the other rows' prompt and padding there too (15-20 % more rows for 4
+    persona samples).
     """
     head = model.get_output_embeddings()
     if head is None:  # compute_loss then selects the answer rows from the logits
@@ -506,15 +507,14 @@ def _sft_trainer_class():
             drop_fp32_output_cast(inner)  # once accelerate has wrapped the model; a no-op after that
             labels = inputs.pop("labels")
             prefix = inputs.pop("prefix_ids", None)
-            targets = labels[:, 1:]
-            keep = (targets != -100).any(dim=0).nonzero().squeeze(-1)
-            kept_targets = targets[:, keep]
-            answers = kept_targets != -100
+            # Position t predicts token t + 1; the last position predicts nothing.
+            targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+            answers = targets != -100
             head_rows = answer_rows_only(inner, answers)
             if prefix is None:
                 # Packed rows (position_ids, no mask) attend within each sample only without a KV cache.
                 with head_rows:
-                    outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
+                    outputs = model(**inputs, use_cache=False)
                 prefix_tokens = 0
             else:
                 ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -528,11 +528,11 @@ def _sft_trainer_class():
                 full_mask = torch.cat([mask.new_ones(batch, prefix_tokens), mask], dim=1)
                 with head_rows:
                     outputs = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, cache=cache,
-                                    use_cache=True, logits_to_keep=keep)
+                                    use_cache=True)
             logits = outputs.logits
             if logits.dim() == 3:  # a model that called its head in another shape than answer_rows_only expects
                 logits = logits[answers]
-            answer_targets = kept_targets[answers]
+            answer_targets = targets[answers]
             loss_sum = summed_cross_entropy(logits, answer_targets)
             if self.token_metrics:
                 self._log_token_metrics(logits.detach().float(), answer_targets, "train" if model.training else "eval")
