@@ -314,8 +314,8 @@ def test_lm_head_runs_only_on_answer_rows(tmp_path, tiny_model_dir, mode):
         assert targets.any(dim=0).sum() * len(samples) > answers
 
 
-def test_mixed_precision_logits_stay_bf16(tmp_path, tiny_model_dir, monkeypatch):
-    """Under bf16 mixed precision the loss gets the model's bf16 logits, not accelerate's fp32 copy of them."""
+def _record_loss_logits_dtypes(monkeypatch) -> list:
+    """The dtype of the logits each call of the project's loss receives, in order."""
     import ironman_nb.loss
 
     seen = []
@@ -326,8 +326,14 @@ def test_mixed_precision_logits_stay_bf16(tmp_path, tiny_model_dir, monkeypatch)
         return original(logits, targets, rows)
 
     monkeypatch.setattr(ironman_nb.loss, "summed_cross_entropy", recording)
+    return seen
+
+
+def test_mixed_precision_logits_stay_bf16(tmp_path, tiny_model_dir, monkeypatch):
+    """Under bf16 mixed precision the loss gets the model's bf16 logits, not accelerate's fp32 copy of them."""
     import torch
 
+    seen = _record_loss_logits_dtypes(monkeypatch)
     setup = build_trainer(tiny_cfg(tmp_path, tiny_model_dir, precision="bf16", max_steps=1, eval_steps=0))
     assert setup.trainer.args.bf16  # accelerate's mixed precision, which casts outputs to fp32
     autocast = []
@@ -347,12 +353,7 @@ def test_mixed_precision_logits_stay_bf16_inside_ddp(tmp_path, tiny_model_dir, m
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    import ironman_nb.loss
-
-    seen = []
-    original = ironman_nb.loss.summed_cross_entropy
-    monkeypatch.setattr(ironman_nb.loss, "summed_cross_entropy",
-                        lambda logits, targets, rows=None: seen.append(logits.dtype) or original(logits, targets, rows))
+    seen = _record_loss_logits_dtypes(monkeypatch)
     trainer = build_trainer(tiny_cfg(tmp_path, tiny_model_dir, precision="bf16", eval_steps=0)).trainer
     model = trainer.accelerator.prepare_model(trainer.model)  # one process: accelerate patches forward, no DDP
     with socket.socket() as free:
