@@ -114,16 +114,19 @@ class _PeakRSS:
         self.thread.join()
 
 
-def _step_timer(warmup: int, device: str):
+def _step_timer(warmup: int, steps: int, device: str, profile: bool = False):
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
-        """Wall time and real tokens of the optimizer steps after the warm-up."""
+        """Wall time and real tokens of the `steps` optimizer steps after the warm-up; with `profile`, one more
+        step under torch.profiler (after the timed ones, so its overhead is in no timing)."""
 
         def __init__(self):
             self.trainer = None
             self.start_time = self.start_tokens = None
             self.end_time = self.end_tokens = None
+            self.profiler = None
+            self.profile: dict | None = None
 
         def _now(self):
             if device == "cuda":
@@ -132,13 +135,53 @@ def _step_timer(warmup: int, device: str):
                 torch.cuda.synchronize()
             return time.perf_counter()
 
+        def on_step_begin(self, args, state, control, **kwargs):
+            if profile and state.global_step == warmup + steps:
+                from torch.profiler import ProfilerActivity
+                from torch.profiler import profile as torch_profile
+
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+                self.profiler = torch_profile(activities=activities)
+                self.profiler.__enter__()
+                self._profile_start = self._now()
+
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == warmup:
                 self.start_time, self.start_tokens = self._now(), self.trainer.real_tokens_seen
-            elif state.global_step > warmup:
+            elif warmup < state.global_step <= warmup + steps:
                 self.end_time, self.end_tokens = self._now(), self.trainer.real_tokens_seen
+            elif self.profiler is not None:
+                wall = self._now() - self._profile_start
+                self.profiler.__exit__(None, None, None)
+                self.profile = summarise_profile(self.profiler, wall, device)
+                self.profiler = None
 
     return StepTimer()
+
+
+def summarise_profile(profiler, wall_s: float, device: str, top: int = 12) -> dict:
+    """One profiled optimizer step in numbers: its wall time, the time the device spent in kernels (on a GPU:
+    a step whose kernels fill far less than its wall time waits on the CPU — launch overhead, syncs), kernel
+    launches, and the operators taking the most time. The full table goes to stderr."""
+    from torch.autograd import DeviceType
+
+    events = profiler.key_averages()
+    on_gpu = device == "cuda"
+    sort_key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    print(events.table(sort_by=sort_key, row_limit=40), file=sys.stderr)
+    # Operators (CPU-side rows; on a GPU ranked by the time of the kernels each launched itself).
+    ranked = sorted((e for e in events if e.device_type == DeviceType.CPU), key=lambda e: getattr(e, sort_key),
+                    reverse=True)
+    summary = {"wall_s": round(wall_s, 3),
+               "top_ms": [[e.key[:80], round(getattr(e, sort_key) / 1e3, 1), e.count] for e in ranked[:top]]}
+    if on_gpu:
+        # The kernels' rows (an operator's row repeats its kernels' time, so only these are summed).
+        kernel_s = sum(e.self_device_time_total for e in events
+                       if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC",
+                                                             "cuLaunchKernel", "cuLaunchKernelEx"))
+        summary.update(kernel_s=round(kernel_s, 3), device_busy=round(kernel_s / wall_s, 3), kernel_launches=launches)
+    return summary
 
 
 def _counting_baseline_class():
@@ -179,6 +222,9 @@ class BenchArgs:
     # Each run in a fresh Python process: "auto" does so on a GPU, where runs in one process disturbed each
     # other (a later TRL-defaults run showed the previous run's peak memory and ran 20 % faster).
     isolate: str = "auto"
+    # One more optimizer step after the timed ones under torch.profiler: the run's line gets a "profile"
+    # summary (device busy share, kernel launches, top operators); the full table goes to stderr.
+    profile: bool = False
 
     def __post_init__(self):
         if self.isolate not in ("auto", "on", "off"):
@@ -223,8 +269,8 @@ def _run_once(name: str, args: BenchArgs, device: str, precision: str, records: 
     scratch = Path(args.scratch) if args.scratch else None
     model, tokenizer = load_bench_model(args.model, device, precision, args.tokenizer, args.quantization, scratch)
     n_params = sum(p.numel() for p in model.parameters())
-    total_steps = args.warmup + args.steps
-    timer = _step_timer(args.warmup, device)
+    total_steps = args.warmup + args.steps + (1 if args.profile else 0)
+    timer = _step_timer(args.warmup, args.steps, device, args.profile)
     cfg = TrainConfig(base_model=args.model if args.model not in SHAPES else EMBEDDED_MODEL, max_steps=total_steps,
                       per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.accum,
                       lora_r=args.lora_r, lora_alpha=2 * args.lora_r, max_length=args.max_length, logging_steps=1,
@@ -266,6 +312,8 @@ def _run_once(name: str, args: BenchArgs, device: str, precision: str, records: 
                            "fused_lora": fast.fused_lora if fast else False,
                            "attn_implementation": trainer.model.config._attn_implementation,
                            "quantization": args.quantization}
+    if timer.profile is not None:
+        result["profile"] = timer.profile
     del trainer, model, setup
     gc.collect()
     if device == "cuda":
@@ -309,7 +357,7 @@ def run_one_main(payload: str) -> int:
     """Entry point of an isolated run: one `_run_once`, its result on one marked stdout line."""
     spec = json.loads(payload)
     args = BenchArgs(**{**spec["args"], "configs": tuple(spec["args"]["configs"])})
-    records = bench_records(args.batch * args.accum * (args.warmup + args.steps))
+    records = bench_records(args.batch * args.accum * (args.warmup + args.steps + args.profile))
     result = _run_once(spec["name"], args, spec["device"], spec["precision"], records)
     print(RESULT_MARK + json.dumps(result, ensure_ascii=False), flush=True)
     return 0
@@ -322,7 +370,7 @@ def bench_train(args: BenchArgs, emit=print) -> dict:
     device = resolve_device()
     precision = resolve_precision("auto", device)
     isolate = args.isolate == "on" or (args.isolate == "auto" and device == "cuda")
-    records = bench_records(args.batch * args.accum * (args.warmup + args.steps))
+    records = bench_records(args.batch * args.accum * (args.warmup + args.steps + args.profile))
     runs: dict[str, list] = {name: [] for name in args.configs}
     with tempfile.TemporaryDirectory(dir=args.scratch or None) as scratch:
         run_args = dataclasses.replace(args, scratch=scratch)
@@ -439,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     train_p.add_argument("--scratch", default="", help="folder for a 4-bit random shape's weights (default: temp)")
     train_p.add_argument("--isolate", default="auto", choices=("auto", "on", "off"),
                          help="each run in a fresh process (auto: on a GPU)")
+    train_p.add_argument("--profile", action="store_true",
+                         help="profile one extra step per run: device busy share, kernel launches, top operators")
     gen_p = sub.add_parser("generate", help="batched generation vs one prompt at a time")
     gen_p.add_argument("--model", default=EMBEDDED_MODEL)
     gen_p.add_argument("--prompts", type=int, default=8)
@@ -462,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_train(BenchArgs(model=ns.model, steps=ns.steps, warmup=ns.warmup, batch=ns.batch, accum=ns.accum,
                                   rounds=ns.rounds, max_length=ns.max_length, lora_r=ns.lora_r,
                                   tokenizer=ns.tokenizer, configs=tuple(c for c in ns.configs.split(";") if c),
-                                  quantization=ns.quantization, scratch=ns.scratch, isolate=ns.isolate), emit=emit)
+                                  quantization=ns.quantization, scratch=ns.scratch, isolate=ns.isolate,
+                                  profile=ns.profile), emit=emit)
         else:
             bench_generate(ns.model, ns.prompts, ns.new_tokens, ns.batch, emit=emit, tokenizer_name=ns.tokenizer)
     return 0

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check (one H100, within 8 minutes): on the Qwen2-7B shape (random weights) the generation benchmark and
-# the training benchmark (TRL defaults with and without checkpointing vs the project's path and its ablations),
-# then the six stages and a ZeRO-3 launch on a small random-weight model, then — if time is left — the project
-# path within the issue's memory bound, partial checkpointing at 16 samples per micro-batch, the 24 GB profile's
-# peak memory (4-bit) and the Llama-3-8B shape.
+# the training benchmark (TRL defaults with and without checkpointing vs the project's path, its shared-prefix
+# variants and its run within the issue's memory bound, each with a profiled step), then — if time is left —
+# partial checkpointing at 16 samples per micro-batch, the six stages and a ZeRO-3 launch on a small random-weight
+# model, the 24 GB profile's peak memory (4-bit) and the Llama-3-8B shape.
 # Its output is what the README's performance tables quote.
 #
 # Prepared on a machine with the project installed (make install), then run on the GPU machine:
@@ -88,23 +88,23 @@ SAMPLES=${GPU_CHECK_SAMPLES:-256}
 # Generation first: it also warms the machine (on a freshly started H100 the first minute of training ran ~2x
 # slower than later). Training runs each in a fresh process (the bench isolates runs on a GPU), alternating.
 step generate_qwen2-7b 60 python3 -m ironman_nb.bench generate --model $M7 --tokenizer $TOK --prompts 8 --new-tokens 64 --batch 8
-# TRL's defaults, the same without checkpointing, the project path, and its ablations: Liger off (a pod's
-# default), PEFT's LoRA forward instead of the fused one, and the shared prefix (once per optimizer step since it
-# was last measured here, when it ran once per micro-batch). Six fresh processes of ~45 s; run more rounds by hand
-# for the spread. The six stages and the 4-bit profile come after: both were checked on an H100 before.
-step train_qwen2-7b 300 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 4 --accum 4 \
-  --steps 3 --warmup 1 --rounds 1 --configs "baseline;baseline:gradient_checkpointing=false;project;\
-project:liger_kernel=off;project:fused_lora=false;project:shared_prefix=on"
-step pipeline 90 python3 scripts/gpu_pipeline.py --zero3 --tokenizer $TOK --run-dir /tmp/gpu_run --samples $SAMPLES
-# The issue's memory bound (TRL defaults' 15.8 GiB + 50 %) given to `auto` as its budget: the project path's
-# speed within it (the estimate at the longest batch asks for checkpointing 17 of the 28 layers there).
-step train_qwen2-7b_membound 60 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 4 --accum 4 \
-  --steps 3 --warmup 1 --rounds 1 --configs "project:max_memory_gib=23.7"
+# TRL's defaults, the project path (`auto`: padded rows, no checkpointing, Liger, fused LoRA), the shared prefix
+# at 4 x 4 and as one micro-batch of 16 and of 8 x 2 (fewer, larger kernels: on the H100 the shared prefix at
+# 4 x 4 ran slower than padded rows while doing ~55 % of the work — kernel launches are the suspect), the project
+# path within the issue's memory bound (TRL defaults' 15.8 GiB + 50 % as `auto`'s budget), TRL's defaults without
+# checkpointing, and TRL's defaults again (the machine's drift). Each in a fresh process, each with one more
+# profiled step after its timed ones (`profile`: the device's busy share of the step, kernel launches, top ops).
+step train_qwen2-7b 200 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 4 --accum 4 \
+  --steps 3 --warmup 1 --rounds 1 --profile --configs "baseline;project;project:shared_prefix=on;\
+project:shared_prefix=on,per_device_train_batch_size=16,gradient_accumulation_steps=1;\
+project:shared_prefix=on,per_device_train_batch_size=8,gradient_accumulation_steps=2;project:max_memory_gib=23.7;\
+baseline:gradient_checkpointing=false;baseline"
 # Partial checkpointing: 16 samples in one micro-batch do not fit the card without checkpointing; `auto` then
 # checkpoints the fewest layers that fit (estimated: 9 of 28 at the longest batch). Its speed and peak
 # memory against checkpointing every layer; the peak also checks the memory estimate.
 step train_qwen2-7b_batch16 150 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 16 --accum 1 \
   --steps 2 --warmup 1 --rounds 1 --configs "project;project:gradient_checkpointing=on"
+step pipeline 90 python3 scripts/gpu_pipeline.py --zero3 --tokenizer $TOK --run-dir /tmp/gpu_run --samples $SAMPLES
 step train_qwen2-7b_4bit 120 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --quantization 4bit \
   --batch 2 --accum 8 --steps 2 --warmup 1 --rounds 1 --configs project --scratch /tmp
 step train_llama3-8b 100 python3 -m ironman_nb.bench train --model $M8 --tokenizer $TOK --batch 4 --accum 4 \
