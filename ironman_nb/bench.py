@@ -306,6 +306,8 @@ def _run_once(name: str, args: BenchArgs, device: str, precision: str, records: 
               "steps_timed": args.steps, "peak_memory_gib": round(peak / 2**30, 2), "parameters": n_params}
     result["fast_path"] = {"gradient_checkpointing": trainer.args.activation_checkpointing,
                            "checkpointed_layers": fast.checkpointed_layers if fast else None,  # None: all
+                           "micro_batch": trainer.args.per_device_train_batch_size,
+                           "accumulation_steps": trainer.args.gradient_accumulation_steps,
                            "padding_free": trainer.args.padding_free,
                            "shared_prefix": isinstance(trainer.data_collator, SharedPrefixCollator),
                            "liger_kernel": fast.liger_kernel if fast else False,

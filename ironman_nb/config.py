@@ -211,6 +211,7 @@ class TrainConfig(StageConfig):
     max_memory_gib: float = 0.0
     padding_free: str = "auto"
     shared_prefix: str = "auto"
+    merge_micro_batches: str = "auto"
     liger_kernel: str = "auto"
     fused_lora: bool = True
     token_metrics: bool = False
@@ -232,6 +233,7 @@ class TrainConfig(StageConfig):
         "gradient_checkpointing": ("auto", "on", "off"),
         "padding_free": ("auto", "on", "off"),
         "shared_prefix": ("auto", "on", "off"),
+        "merge_micro_batches": ("auto", "off"),
         "liger_kernel": ("auto", "on", "off"),
         "launcher": ("none", "accelerate", "deepspeed"),
         "quantization": ("none", "4bit"),

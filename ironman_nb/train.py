@@ -54,6 +54,10 @@ class FastPath:
     fused_lora: bool = False
     # With checkpointing: how many decoder layers, spread evenly (None: all of them).
     checkpointed_layers: int | None = None
+    # Samples per forward/backward and forward/backwards per optimizer step (merge_micro_batches may change
+    # the configured split; their product, the samples per step, stays).
+    micro_batch: int = 0
+    accumulation_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,16 +83,21 @@ class MemoryEstimate:
     layer_input: int  # what a checkpointed layer keeps instead
     logits: int
     layers: int
+    # Activations that checkpointing does not touch: the shared prefix's pass, which runs without it and is
+    # held for the whole optimizer step.
+    fixed: int = 0
 
     def peak(self, checkpointed: int = 0) -> int:
         kept = (self.layers - checkpointed) * self.layer_activations + checkpointed * self.layer_input
         # The logits are freed by the time the backward recomputes a checkpointed layer's activations.
         recompute = self.layer_activations if checkpointed else 0
-        return self.weights + kept + max(self.logits, recompute)
+        return self.weights + self.fixed + kept + max(self.logits, recompute)
 
 
-def estimate_training_memory(model_config, weight_bytes: int, precision: str, tokens: int) -> MemoryEstimate | None:
-    """MemoryEstimate for a batch of `tokens` positions; None for an architecture it does not know.
+def estimate_training_memory(model_config, weight_bytes: int, precision: str, tokens: int,
+                             prefix_tokens: int = 0) -> MemoryEstimate | None:
+    """MemoryEstimate for a batch of `tokens` positions (with a shared prefix: the samples' suffixes) and a
+    shared prefix of `prefix_tokens` run once for the batch; None for an architecture it does not know.
 
     `weight_bytes`: the loaded model's parameters as they are stored (fp16 training keeps fp32 weights for the
     grad scaler, so its weights take 4 bytes each while its activations take 2)."""
@@ -98,10 +107,55 @@ def estimate_training_memory(model_config, weight_bytes: int, precision: str, to
         return None  # `auto` then keeps checkpointing off
     intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
     element = 4 if precision == "fp32" else 2
-    return MemoryEstimate(weights=weight_bytes,
-                          layer_activations=tokens * (17 * hidden + 4 * intermediate) * element,
+    per_token_layer = (17 * hidden + 4 * intermediate) * element
+    return MemoryEstimate(weights=weight_bytes, layer_activations=tokens * per_token_layer,
                           layer_input=tokens * hidden * element,
-                          logits=tokens * getattr(text, "vocab_size", 0) * 4, layers=layers)
+                          logits=tokens * getattr(text, "vocab_size", 0) * 4, layers=layers,
+                          fixed=prefix_tokens * per_token_layer * layers)
+
+
+def memory_budget(cfg: TrainConfig, device: str, device_memory: int | None = None) -> float:
+    """The memory `auto` plans for, in bytes: `max_memory_gib`, else 90 % of the GPU (the CUDA context and
+    fragmentation take a share; the estimate runs high), else 0 (a CPU: no planning)."""
+    if cfg.max_memory_gib:
+        return cfg.max_memory_gib * 2**30
+    if device != "cuda":
+        return 0.0
+    if device_memory is None:
+        import torch
+
+        device_memory = torch.cuda.get_device_properties(0).total_memory
+    return 0.9 * device_memory
+
+
+# On a GPU the shared prefix pays off from this many samples per micro-batch: on an H100 (Qwen2-7B shape, 4 x 4
+# samples per step) it ran slower than padded rows, at 16 x 1 2.6x faster (README, Speed).
+GPU_PREFIX_MIN_BATCH = 8
+
+
+def choose_micro_batch(cfg: TrainConfig, device: str, world_size: int, estimate, budget: float) -> int:
+    """Samples per micro-batch: with `merge_micro_batches='auto'` on a GPU, the most (a divisor of the samples
+    per optimizer step, at least per_device_train_batch_size) whose estimated peak fits `budget` with every
+    layer checkpointed; elsewhere per_device_train_batch_size.
+
+    A LoRA step on a GPU waits on kernel launches more than on the kernels (H100, Qwen2-7B shape, 4 samples per
+    micro-batch: kernels ran 13-30 % of the step's time), so fewer, larger micro-batches — the same samples per
+    step and the same loss — beat smaller ones without checkpointing. `estimate(micro_batch)` is the
+    MemoryEstimate of the longest such batch, or None."""
+    given = cfg.per_device_train_batch_size
+    if (cfg.merge_micro_batches == "off" or device != "cuda" or world_size > 1 or not budget
+            or cfg.gradient_checkpointing != "auto" or cfg.quantization != "none"):
+        return given
+    per_step = given * cfg.gradient_accumulation_steps
+    for micro_batch in range(per_step, given, -1):
+        if per_step % micro_batch:
+            continue
+        memory = estimate(micro_batch)
+        if memory is None:
+            return given
+        if memory.peak(memory.layers) <= budget:
+            return micro_batch
+    return given
 
 
 def layers_to_checkpoint(memory: MemoryEstimate, budget: float) -> int:
@@ -137,56 +191,47 @@ def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | Non
                      prefix_memory: MemoryEstimate | None = None) -> FastPath:
     """`memory`: estimate_training_memory of the longest batch; `prefix_memory`: the same with the shared prefix
     (its tokens held once, not once per sample); `device_memory`: the GPU's (default: asked, when
-    `cfg.max_memory_gib` does not set the budget); `model_type`: the model's, for the attention implementation."""
+    `cfg.max_memory_gib` does not set the budget); `model_type`: the model's, for the attention implementation.
+    `cfg`'s micro-batch is the one that runs (choose_micro_batch)."""
     precision = resolve_precision(cfg.precision, device)
-    # The shared system-turn prefix needs padded rows and a KV cache (no checkpointing). On a CPU, where time
-    # follows FLOPs, it saves more than packing (the persona prompt is ~45 % of each sample). On an H100 it ran
-    # slower than plain padded rows (3,200-3,400 vs 5,039 tokens/s, Qwen2-7B shape; README, Speed): the batch-1
-    # prefix pass, the cache copies and the masked attention cost more there than the FLOPs saved.
-    # Two forward calls per backward (prefix, then samples) are not for DDP / ZeRO gradient hooks.
+    # The shared system-turn prefix needs padded rows. On a CPU, where time follows FLOPs, it saves more than
+    # packing (the persona prompt is ~45 % of each sample). On a GPU it pays off with large micro-batches only
+    # (GPU_PREFIX_MIN_BATCH). Two forward calls per backward (prefix, then samples) are not for DDP / ZeRO
+    # gradient hooks.
     if cfg.shared_prefix == "auto":
-        prefix_wanted = (device != "cuda" and cfg.per_device_train_batch_size >= 2 and cfg.padding_free != "on"
-                         and world_size == 1)
+        least = GPU_PREFIX_MIN_BATCH if device == "cuda" else 2
+        prefix_wanted = (cfg.per_device_train_batch_size >= least and cfg.padding_free != "on" and world_size == 1
+                         and cfg.launcher != "deepspeed")
     else:
         prefix_wanted = cfg.shared_prefix == "on"
-    checkpointed, budget, prefix_peak = None, 0.0, 0
+    checkpointed = None
     if cfg.gradient_checkpointing == "auto":
         # Checkpointing costs up to ~1/3 more compute; pay it only where training without it would not fit the
-        # card (the estimate runs high; the CUDA context and fragmentation take a share: 90 %) or the memory the
-        # user gives it (`max_memory_gib`, on any device), and then only on as few layers as make it fit — or on
-        # all of them when the 4-bit profile says memory is what is short.
+        # budget (memory_budget), and then only on as few layers as make it fit — or on all of them when the
+        # 4-bit profile says memory is what is short. With the shared prefix the batch holds its samples'
+        # suffixes and one prefix.
         checkpointing = cfg.quantization == "4bit"
-        if memory and not checkpointing:
-            budget = cfg.max_memory_gib * 2**30
-            if not budget and device == "cuda":
-                if device_memory is None:
-                    import torch
-
-                    device_memory = torch.cuda.get_device_properties(0).total_memory
-                budget = 0.9 * device_memory
-        # With the shared prefix the batch holds its samples' suffixes and one prefix; it needs no checkpointing
-        # where that fits, even if the whole samples would not.
-        prefix_peak = (prefix_memory or memory).peak() if budget else 0
-        if budget and not (prefix_wanted and prefix_peak <= budget):
-            count = layers_to_checkpoint(memory, budget)
-            checkpointing, checkpointed = count > 0, (count if 0 < count < memory.layers else None)
+        planned = prefix_memory if prefix_wanted and prefix_memory else memory
+        budget = memory_budget(cfg, device, device_memory) if planned and not checkpointing else 0.0
+        if budget:
+            count = layers_to_checkpoint(planned, budget)
+            checkpointing, checkpointed = count > 0, (count if 0 < count < planned.layers else None)
     else:
         checkpointing = cfg.gradient_checkpointing == "on"
     attn = attention_implementation(device, precision, model_type)
-    shared_prefix = prefix_wanted and not (checkpointing and cfg.shared_prefix == "auto")
+    shared_prefix = prefix_wanted
     if cfg.padding_free == "auto":
         # Packed rows save the padding; on CUDA, sdpa with the per-sample mask measured slower than padding,
         # so pack there only with flash attention's varlen kernels.
         padding_free = not shared_prefix and (device != "cuda" or attn == "flash_attention_2")
     else:
         padding_free = cfg.padding_free == "on"
-    if shared_prefix and (padding_free or checkpointing):
-        over = ""
-        if checkpointing and cfg.gradient_checkpointing == "auto":
-            over = (" (auto turned checkpointing on: the estimated peak with the shared prefix, "
-                    f"{prefix_peak / 2**30:.1f} GiB, is over the {budget / 2**30:.1f} GiB budget; lower "
-                    "per_device_train_batch_size or max_length, raise max_memory_gib, or set shared_prefix='off')")
-        raise ConfigError("TrainConfig.shared_prefix: 'on' needs padding_free and gradient_checkpointing off" + over)
+    if shared_prefix and padding_free:
+        raise ConfigError("TrainConfig.shared_prefix: 'on' needs padded rows; set padding_free='off' (or 'auto')")
+    if shared_prefix and checkpointing and cfg.launcher == "deepspeed":
+        # DeepSpeed makes checkpointing reentrant, which passes no gradient to the prefix's keys and values.
+        raise ConfigError("TrainConfig.shared_prefix: 'on' with the deepspeed launcher needs gradient_checkpointing "
+                          "'off'; or set shared_prefix='off'")
     liger_installed = importlib.util.find_spec("liger_kernel") is not None
     if cfg.liger_kernel == "on" and (device != "cuda" or not liger_installed):
         raise ConfigError("TrainConfig.liger_kernel: 'on' needs a CUDA GPU and `pip install liger-kernel` "
@@ -195,7 +240,8 @@ def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | Non
     liger = cfg.liger_kernel == "on" or (cfg.liger_kernel == "auto" and device == "cuda" and liger_installed
                                          and cfg.quantization == "none")
     return FastPath(device, precision, checkpointing, padding_free, shared_prefix, attn, liger,
-                    checkpointed_layers=checkpointed)
+                    checkpointed_layers=checkpointed, micro_batch=cfg.per_device_train_batch_size,
+                    accumulation_steps=cfg.gradient_accumulation_steps)
 
 
 def apply_liger_kernels(model) -> bool:
@@ -395,11 +441,11 @@ class _HeldPrefix:
     leaves: list
 
     def cache_for(self, batch: int):
-        """A fresh cache for one micro-batch: the leaves repeated per sample (the forward appends to it)."""
+        """A cache for one micro-batch: the leaves repeated per sample, read-only (read_only_prefix)."""
         cache = copy.copy(self.cache)
         cache.layers = [copy.copy(layer) for layer in self.cache.layers]
         cache.batch_repeat_interleave(batch)
-        return cache
+        return read_only_prefix(cache)
 
     def backward(self) -> None:
         import torch
@@ -407,6 +453,55 @@ class _HeldPrefix:
         pairs = [(out, leaf.grad) for out, leaf in zip(self.outputs, self.leaves) if leaf.grad is not None]
         if pairs:
             torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
+
+
+def _prefix_and_new(self, key_states, value_states, *args, **kwargs):
+    import torch
+
+    return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def read_only_prefix(cache):
+    """This prefix cache, its layers made to return prefix + new keys/values without storing the new ones.
+
+    A training forward only reads the prefix, so it may run twice — a checkpointed layer is recomputed in the
+    backward — and see the same prefix both times (an appending cache would hold the suffix twice by then).
+    Plain (DynamicLayer) caches only: a sliding-window or quantized layer keeps a different state."""
+    import types
+
+    from transformers.cache_utils import DynamicLayer
+
+    for index, layer in enumerate(cache.layers):
+        if type(layer) is not DynamicLayer:
+            raise ConfigError(f"TrainConfig.shared_prefix: the model's cache layer {index} is a "
+                              f"{type(layer).__name__}; the shared prefix supports plain caches only — set "
+                              "shared_prefix='off'")
+        layer.update = types.MethodType(_prefix_and_new, layer)
+    return cache
+
+
+@contextlib.contextmanager
+def prefix_cache_under_checkpointing(model, run_prefix: bool):
+    """Checkpointed decoder layers and the shared prefix: transformers drops a layer's cache under checkpointing,
+    since a recompute would write it twice. For the samples' forward (`run_prefix=False`) the cache is read-only
+    (read_only_prefix), so the layers keep it; the prefix pass itself (`run_prefix=True`), which writes the
+    cache, runs without checkpointing (its activations are held for the step: MemoryEstimate.fixed)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    for layer in layers:
+        if run_prefix:
+            layer.gradient_checkpointing = False
+        else:
+            layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            if run_prefix:
+                layer.gradient_checkpointing = True
+            else:
+                del layer._can_checkpoint_with_cache
 
 
 @contextlib.contextmanager
@@ -524,9 +619,10 @@ def _sft_trainer_class():
                 else:
                     cache = self._prefix_pass(model, prefix)
                     cache.batch_repeat_interleave(batch)
+                    read_only_prefix(cache)
                 positions = torch.arange(prefix_tokens, prefix_tokens + width, device=ids.device)[None].expand(batch, -1)
                 full_mask = torch.cat([mask.new_ones(batch, prefix_tokens), mask], dim=1)
-                with head_rows:
+                with head_rows, prefix_cache_under_checkpointing(inner, run_prefix=False):
                     outputs = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, cache=cache,
                                     use_cache=True)
             logits = outputs.logits
@@ -550,7 +646,14 @@ def _sft_trainer_class():
             """The shared prefix through the model, batch 1: its cache."""
             if model.training:
                 self.prefix_passes += 1
-            return model(input_ids=prefix[None], use_cache=True, logits_to_keep=1).cache
+            from transformers import DynamicCache
+
+            inner = self.accelerator.unwrap_model(model)
+            # Our own cache: under checkpointing the model would make none (it sets use_cache=False).
+            cache = DynamicCache(config=inner.config)
+            with prefix_cache_under_checkpointing(inner, run_prefix=True):
+                model(input_ids=prefix[None], cache=cache, use_cache=True, logits_to_keep=1)
+            return cache
 
         def _step_prefix(self, model, prefix) -> _HeldPrefix:
             """This optimizer step's prefix pass: run on its first micro-batch, reused by the others."""
@@ -673,8 +776,8 @@ class TrainResult:
         import pandas as pd
 
         r = self.run_config["resolved"]
-        keys = ("device", "precision", "gradient_checkpointing", "checkpointed_layers", "padding_free",
-                "shared_prefix", "liger_kernel", "fused_lora", "attn_implementation",
+        keys = ("device", "precision", "gradient_checkpointing", "checkpointed_layers", "micro_batch",
+                "accumulation_steps", "padding_free", "shared_prefix", "liger_kernel", "fused_lora", "attn_implementation",
                 "base_model_path", "end_of_turn_token", "train_samples", "eval_samples", "resumed_from")
         rows = [(k, str(r.get(k))) for k in keys] + [("output_dir", str(self.output_dir))]
         return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")
@@ -766,18 +869,32 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     precision = resolve_precision(cfg.precision, device)
     if model is None:
         model = load_model(cfg.base_model, precision, device, cfg.quantization)
-    batch, longest = cfg.per_device_train_batch_size, longest_sample(train_ds)
+    longest = longest_sample(train_ds)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    memory = estimate_training_memory(model.config, weight_bytes, precision, batch * longest)
     # The persona system turn every sample starts with. Measured on the first rows: a cap too long for a later
     # batch only makes its step run the prefix twice.
     prefix = common_prefix_length(train_ds[:1000]["input_ids"])
-    prefix_memory = None
-    if prefix >= SharedPrefixCollator.min_prefix:
-        prefix_memory = estimate_training_memory(model.config, weight_bytes, precision,
-                                                 batch * (longest - prefix) + prefix)
-    fast = choose_fast_path(cfg, device, memory, int(os.environ.get("WORLD_SIZE", "1")),
-                            model_type=model.config.model_type, prefix_memory=prefix_memory)
+    if prefix < SharedPrefixCollator.min_prefix:
+        prefix = 0
+
+    def estimate(batch: int, shared: bool) -> MemoryEstimate | None:
+        if shared:
+            return estimate_training_memory(model.config, weight_bytes, precision, batch * (longest - prefix), prefix)
+        return estimate_training_memory(model.config, weight_bytes, precision, batch * longest)
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    shared_possible = bool(prefix) and cfg.shared_prefix != "off" and cfg.padding_free != "on"
+    micro_batch = choose_micro_batch(cfg, device, world_size,
+                                     lambda b: estimate(b, shared_possible and b >= GPU_PREFIX_MIN_BATCH),
+                                     memory_budget(cfg, device))
+    if micro_batch != cfg.per_device_train_batch_size:
+        per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        cfg = dataclasses.replace(cfg, per_device_train_batch_size=micro_batch,
+                                  gradient_accumulation_steps=per_step // micro_batch)
+    memory = estimate(micro_batch, False)
+    prefix_memory = estimate(micro_batch, True) if prefix else None
+    fast = choose_fast_path(cfg, device, memory, world_size, model_type=model.config.model_type,
+                            prefix_memory=prefix_memory)
     if model.config._attn_implementation != fast.attn_implementation:
         model.set_attn_implementation(fast.attn_implementation)
     if fast.liger_kernel and not apply_liger_kernels(model):

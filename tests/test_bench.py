@@ -54,9 +54,9 @@ def test_train_benchmark_runs_ablations_and_a_4bit_random_shape(monkeypatch, tmp
                                     configs=configs, quantization="4bit", scratch=str(tmp_path)), emit=lines.append)
     runs = [json.loads(line) for line in lines[:-1]]
     assert [r["config"] for r in runs] == list(configs)
-    # The 4-bit profile checkpoints (so no shared prefix); the overrides turn that off, in either path.
+    # The 4-bit profile checkpoints (on a CPU with the shared prefix); the overrides turn that off, in either path.
     assert [(r["fast_path"]["gradient_checkpointing"], r["fast_path"]["shared_prefix"]) for r in runs] == [
-        (True, False), (False, True), (False, False)]
+        (True, True), (False, True), (False, False)]
     assert all(r["fast_path"]["quantization"] == "4bit" and r["tokens"] > 0 for r in runs)
     assert "ratio" not in summary and summary["project:gradient_checkpointing=off_tokens_per_s"] > 0
     assert list(tmp_path.iterdir()) == []  # the random weights lived in a temporary folder inside scratch

@@ -96,6 +96,71 @@ def test_one_prefix_pass_per_optimizer_step_gives_the_plain_gradients(tmp_path, 
             assert torch.allclose(plain[name], shared[name], rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.parametrize("checkpointed", [None, 1])
+def test_shared_prefix_with_checkpointing_gives_the_plain_gradients(tmp_path, tiny_model_dir, monkeypatch, checkpointed):
+    """The shared prefix under gradient checkpointing (every layer: None; layer 0 of 2: 1): a checkpointed
+    layer's recompute reads the same prefix keys/values (the cache is read-only), the prefix pass itself is not
+    checkpointed, and the optimizer sees the gradients of plain padded rows; afterwards the layers' flags are
+    as they were."""
+    import dataclasses
+
+    import torch
+
+    import ironman_nb.train as train_module
+
+    choose = train_module.choose_fast_path
+    grads = {}
+    for mode in ("padded", "shared prefix"):
+        if mode == "shared prefix":
+            monkeypatch.setattr(train_module, "choose_fast_path", lambda *a, **k: dataclasses.replace(
+                choose(*a, **k), gradient_checkpointing=True, checkpointed_layers=checkpointed))
+        capture = _gradients_before_step()
+        cfg = tiny_cfg(tmp_path / mode, tiny_model_dir, max_steps=2, gradient_accumulation_steps=2, eval_steps=0,
+                       save_steps=100, **BATCH_MODES[mode])
+        setup = build_trainer(cfg, extra_callbacks=[capture])
+        capture.model = setup.trainer.model
+        setup.trainer.train()
+        grads[mode] = capture.steps
+    trainer = setup.trainer
+    assert trainer.args.activation_checkpointing and trainer.prefix_passes == 2
+    layers = trainer.model.base_model.model.model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == ([True, False] if checkpointed else [True, True])
+    assert not any("_can_checkpoint_with_cache" in vars(layer) for layer in layers)
+    assert len(grads["padded"]) == len(grads["shared prefix"]) == 2
+    for plain, shared in zip(grads["padded"], grads["shared prefix"]):
+        assert plain.keys() == shared.keys() and plain
+        for name in plain:
+            assert torch.allclose(plain[name], shared[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_merged_micro_batches_give_the_same_gradients(tmp_path, tiny_model_dir, monkeypatch):
+    """merge_micro_batches: 2 x 2 samples per step run as one micro-batch of 4 (what choose_micro_batch picks on
+    a GPU with room) train on the same samples with the same gradients, and the run reports the split."""
+    import torch
+
+    import ironman_nb.train as train_module
+
+    grads, splits = {}, {}
+    for merged in (False, True):
+        if merged:
+            monkeypatch.setattr(train_module, "choose_micro_batch", lambda cfg, *a, **k: 4)
+        capture = _gradients_before_step()
+        cfg = tiny_cfg(tmp_path / str(merged), tiny_model_dir, max_steps=2, eval_steps=0, save_steps=100,
+                       **BATCH_MODES["padded"])
+        setup = build_trainer(cfg, extra_callbacks=[capture])
+        capture.model = setup.trainer.model
+        setup.trainer.train()
+        grads[merged] = capture.steps
+        args = setup.trainer.args
+        splits[merged] = (args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                          setup.fast.micro_batch, setup.fast.accumulation_steps)
+    assert splits == {False: (2, 2, 2, 2), True: (4, 1, 4, 1)}
+    for plain, merged in zip(grads[False], grads[True]):
+        assert plain.keys() == merged.keys() and plain
+        for name in plain:
+            assert torch.allclose(plain[name], merged[name], rtol=1e-4, atol=1e-6), name
+
+
 def test_collator_prefix_is_capped_to_the_training_sets_common_prefix():
     rows = [{"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [-100] * 6 + [11]},
             {"input_ids": [5, 6, 7, 8, 9, 12, 13], "labels": [-100] * 6 + [13]}]
@@ -257,7 +322,8 @@ def test_cpu_fast_path(monkeypatch):
     packed = choose_fast_path(TrainConfig(per_device_train_batch_size=1), "cpu")
     assert (packed.shared_prefix, packed.padding_free) == (False, True)
     forced = choose_fast_path(TrainConfig(precision="bf16", gradient_checkpointing="on", padding_free="off"), "cpu")
-    assert (forced.precision, forced.gradient_checkpointing, forced.shared_prefix, forced.padding_free) == ("bf16", True, False, False)
+    # The shared prefix stays under checkpointing (its cache is read-only: a recompute sees the same prefix).
+    assert (forced.precision, forced.gradient_checkpointing, forced.shared_prefix, forced.padding_free) == ("bf16", True, True, False)
     from ironman_nb.config import ConfigError
 
     with pytest.raises(ConfigError, match="shared_prefix"):
@@ -370,15 +436,18 @@ def test_mixed_precision_logits_stay_bf16_inside_ddp(tmp_path, tiny_model_dir, m
 
 
 def test_cuda_fast_path():
-    """On a GPU: padded rows, no checkpointing while memory allows, Liger when installed (no shared prefix:
-    it measured slower there); the 4-bit profile checkpoints and keeps Liger off."""
+    """On a GPU: padded rows, no checkpointing while memory allows, Liger when installed; the shared prefix
+    from 8 samples per micro-batch (at 4 it measured slower there); the 4-bit profile checkpoints and keeps
+    Liger off."""
     fast = choose_fast_path(TrainConfig(precision="bf16"), "cuda")
     assert (fast.gradient_checkpointing, fast.shared_prefix, fast.padding_free, fast.liger_kernel) == (False, False, False, True)
+    large = choose_fast_path(TrainConfig(precision="bf16", per_device_train_batch_size=8), "cuda")
+    assert (large.shared_prefix, large.padding_free) == (True, False)
     qlora = choose_fast_path(TrainConfig(precision="bf16", quantization="4bit"), "cuda")
     assert (qlora.gradient_checkpointing, qlora.liger_kernel) == (True, False)
 
 
-def _qwen2_7b_memory(tokens):
+def _qwen2_7b_memory(tokens, prefix_tokens=0):
     from transformers import AutoConfig
 
     from ironman_nb.bench import SHAPES
@@ -386,7 +455,7 @@ def _qwen2_7b_memory(tokens):
 
     shape = dict(SHAPES["qwen2-7b"])
     return estimate_training_memory(AutoConfig.for_model(shape.pop("model_type"), **shape), 2 * 7_615_616_512, "bf16",
-                                    tokens)
+                                    tokens, prefix_tokens)
 
 
 H100, L40S, A100_40GB = 85_520_000_000, 47_700_000_000, 42_410_000_000  # total_memory as CUDA reports it
@@ -427,7 +496,7 @@ def test_auto_checkpoints_only_as_many_layers_as_the_card_needs(batch, card):
 
 def test_max_memory_gib_sets_the_budget_on_any_device():
     """`max_memory_gib` replaces 90 % of the card as the budget `auto` plans for, also on a CPU (where it
-    otherwise never checkpoints); the shared prefix then steps aside, as with checkpointing on."""
+    otherwise never checkpoints); the shared prefix stays with checkpointing on."""
     from ironman_nb.config import ConfigError
 
     memory = _qwen2_7b_memory(4 * 1024)
@@ -436,7 +505,7 @@ def test_max_memory_gib_sets_the_budget_on_any_device():
     assert capped.gradient_checkpointing and 0 < capped.checkpointed_layers < memory.layers
     assert memory.peak(capped.checkpointed_layers) <= 40 * 2**30
     on_cpu = choose_fast_path(TrainConfig(precision="bf16", max_memory_gib=40), "cpu", memory, model_type="qwen2")
-    assert (on_cpu.gradient_checkpointing, on_cpu.shared_prefix) == (True, False)
+    assert (on_cpu.gradient_checkpointing, on_cpu.shared_prefix) == (True, True)
     roomy = choose_fast_path(TrainConfig(precision="bf16", max_memory_gib=60), "cpu", memory, model_type="qwen2")
     assert (roomy.gradient_checkpointing, roomy.shared_prefix) == (False, True)
     with pytest.raises(ConfigError, match="max_memory_gib"):
@@ -444,27 +513,51 @@ def test_max_memory_gib_sets_the_budget_on_any_device():
 
 
 def test_shared_prefix_plans_memory_for_the_suffixes_it_holds():
-    """With the shared prefix a batch holds one prefix and its samples' suffixes: `auto` plans with that, so a
-    budget the whole samples would overflow keeps the prefix and skips checkpointing; where even that does not
-    fit, shared_prefix='on' is refused with the estimate, and 'auto' checkpoints without the prefix."""
-    from ironman_nb.config import ConfigError
-
+    """With the shared prefix a batch holds one prefix (its activations, not checkpointed) and its samples'
+    suffixes: `auto` plans with that, so a budget the whole samples would overflow keeps the prefix and skips
+    checkpointing; where even that does not fit, it checkpoints the fewest layers that fit and keeps the prefix."""
     prefix = 244  # the persona system turn, in tokens of the embedded tokenizer
-    memory, prefix_memory = _qwen2_7b_memory(4 * 1024), _qwen2_7b_memory(4 * (1024 - prefix) + prefix)
+    memory, prefix_memory = _qwen2_7b_memory(4 * 1024), _qwen2_7b_memory(4 * (1024 - prefix), prefix)
+    assert prefix_memory.fixed == _qwen2_7b_memory(prefix).layer_activations * 28
     budget = 42
     assert prefix_memory.peak() <= budget * 2**30 < memory.peak()  # else the test shows nothing
     for device in ("cpu", "cuda"):
-        shared = "auto" if device == "cpu" else "on"  # auto keeps it off on a GPU (it measured slower there)
+        shared = "auto" if device == "cpu" else "on"  # auto on a GPU: from 8 samples per micro-batch
         cfg = TrainConfig(precision="bf16", max_memory_gib=budget, shared_prefix=shared)
         fast = choose_fast_path(cfg, device, memory, model_type="qwen2", prefix_memory=prefix_memory)
         assert (fast.shared_prefix, fast.gradient_checkpointing, fast.padding_free) == (True, False, False)
-    tight = TrainConfig(precision="bf16", max_memory_gib=30, shared_prefix="on")
-    with pytest.raises(ConfigError, match=r"estimated peak with the shared prefix, \d+\.\d GiB, is over the 30\.0 GiB"):
-        choose_fast_path(tight, "cuda", memory, model_type="qwen2", prefix_memory=prefix_memory)
-    fallback = choose_fast_path(TrainConfig(precision="bf16", max_memory_gib=30), "cpu", memory, model_type="qwen2",
-                                prefix_memory=prefix_memory)
-    assert (fallback.shared_prefix, fallback.gradient_checkpointing) == (False, True)
-    assert memory.peak(fallback.checkpointed_layers or memory.layers) <= 30 * 2**30
+    for device in ("cpu", "cuda"):
+        tight = TrainConfig(precision="bf16", max_memory_gib=20, shared_prefix="on")
+        fast = choose_fast_path(tight, device, memory, model_type="qwen2", prefix_memory=prefix_memory)
+        count = fast.checkpointed_layers
+        assert fast.shared_prefix and fast.gradient_checkpointing and 0 < count < 28
+        assert prefix_memory.peak(count) <= 20 * 2**30 < prefix_memory.peak(count - 1)
+
+
+@pytest.mark.parametrize("budget_gib, expected", [(72, 16), (23.7, 16), (18.5, 8), (16.5, 4)])
+def test_gpu_merges_micro_batches_where_memory_allows(budget_gib, expected):
+    """On a GPU, `auto` runs the step's 4 x 4 samples as the fewest micro-batches whose estimate fits the budget
+    with every layer checkpointed (then choose_fast_path checkpoints the fewest that fit); on a CPU, with
+    several processes, a fixed checkpointing choice or merge_micro_batches='off', the configured split stays."""
+    from ironman_nb.train import GPU_PREFIX_MIN_BATCH, choose_micro_batch
+
+    longest, prefix = 549, 244  # the bench's persona samples, embedded tokenizer
+
+    def estimate(batch):
+        if batch >= GPU_PREFIX_MIN_BATCH:
+            return _qwen2_7b_memory(batch * (longest - prefix), prefix)
+        return _qwen2_7b_memory(batch * longest)
+
+    cfg = TrainConfig(precision="bf16")
+    budget = budget_gib * 2**30
+    chosen = choose_micro_batch(cfg, "cuda", 1, estimate, budget)
+    assert chosen == expected
+    assert estimate(chosen).peak(28) <= budget or chosen == 4
+    assert all(estimate(b).peak(28) > budget for b in (8, 16) if b > chosen)
+    for other in (dict(merge_micro_batches="off"), dict(gradient_checkpointing="off"), dict(quantization="4bit")):
+        assert choose_micro_batch(TrainConfig(precision="bf16", **other), "cuda", 1, estimate, budget) == 4
+    assert choose_micro_batch(cfg, "cpu", 1, estimate, budget) == 4
+    assert choose_micro_batch(cfg, "cuda", 2, estimate, budget) == 4
 
 
 def test_memory_estimate_falls_as_layers_are_checkpointed():
@@ -694,7 +787,7 @@ def test_four_bit_profile_trains_and_merges(tmp_path, tiny_model_dir):
     result = train(cfg)
     resolved = result.run_config["resolved"]
     assert resolved["quantization"] == "4bit" and resolved["gradient_checkpointing"] is True
-    assert resolved["shared_prefix"] is False
+    assert resolved["shared_prefix"] is True  # on a CPU it stays with checkpointing, also over a 4-bit base
     assert all(math.isfinite(h["loss"]) for h in result.log_history if "loss" in h)
     merged = merge(MergeConfig(base_model=str(wide), adapter_dir=str(tmp_path / "adapter"),
                                output_dir=str(tmp_path / "merged")))
