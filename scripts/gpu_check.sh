@@ -88,22 +88,20 @@ SAMPLES=${GPU_CHECK_SAMPLES:-256}
 # Generation first: it also warms the machine (on a freshly started H100 the first minute of training ran ~2x
 # slower than later). Training runs each in a fresh process (the bench isolates runs on a GPU), alternating.
 step generate_qwen2-7b 60 python3 -m ironman_nb.bench generate --model $M7 --tokenizer $TOK --prompts 8 --new-tokens 64 --batch 8
-# TRL's defaults, the project path (`auto`: padded rows, no checkpointing, Liger, fused LoRA), the shared prefix
-# at 4 x 4 and as one micro-batch of 16 and of 8 x 2 (fewer, larger kernels: on the H100 the shared prefix at
-# 4 x 4 ran slower than padded rows while doing ~55 % of the work — kernel launches are the suspect), the project
-# path within the issue's memory bound (TRL defaults' 15.8 GiB + 50 % as `auto`'s budget), TRL's defaults without
-# checkpointing, and TRL's defaults again (the machine's drift). Each in a fresh process, each with one more
-# profiled step after its timed ones (`profile`: the device's busy share of the step, kernel launches, top ops).
+# TRL's defaults; the project path (`auto` on an 80 GB card: the step's 16 samples as one micro-batch with the
+# shared prefix, no checkpointing); the same within the issue's memory bound (TRL defaults' 15.8 GiB + 50 % as
+# `auto`'s budget: one micro-batch of 16, most layers checkpointed); 4 x 4 as configured (merge off: padded rows)
+# and with the shared prefix; TRL's defaults without checkpointing, and again as they are (the machine's drift).
+# Each in a fresh process (~50 s), each with one more profiled step after its timed ones (`profile`: the
+# device's busy share of the step, kernel launches, top ops).
 step train_qwen2-7b 200 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 4 --accum 4 \
-  --steps 3 --warmup 1 --rounds 1 --profile --configs "baseline;project;project:shared_prefix=on;\
-project:shared_prefix=on,per_device_train_batch_size=16,gradient_accumulation_steps=1;\
-project:shared_prefix=on,per_device_train_batch_size=8,gradient_accumulation_steps=2;project:max_memory_gib=23.7;\
+  --steps 3 --warmup 1 --rounds 1 --profile --configs "baseline;project;project:max_memory_gib=23.7;\
+project:merge_micro_batches=off;project:merge_micro_batches=off,shared_prefix=on;\
 baseline:gradient_checkpointing=false;baseline"
-# Partial checkpointing: 16 samples in one micro-batch do not fit the card without checkpointing; `auto` then
-# checkpoints the fewest layers that fit (estimated: 9 of 28 at the longest batch). Its speed and peak
-# memory against checkpointing every layer; the peak also checks the memory estimate.
+# Partial checkpointing without the shared prefix: 16 samples in one micro-batch of whole padded rows; `auto`
+# checkpoints the fewest layers that fit (estimated: 5 of 28 at the longest batch), against every layer.
 step train_qwen2-7b_batch16 150 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 16 --accum 1 \
-  --steps 2 --warmup 1 --rounds 1 --configs "project;project:gradient_checkpointing=on"
+  --steps 2 --warmup 1 --rounds 1 --configs "project:shared_prefix=off;project:shared_prefix=off,gradient_checkpointing=on"
 step pipeline 90 python3 scripts/gpu_pipeline.py --zero3 --tokenizer $TOK --run-dir /tmp/gpu_run --samples $SAMPLES
 step train_qwen2-7b_4bit 120 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --quantization 4bit \
   --batch 2 --accum 8 --steps 2 --warmup 1 --rounds 1 --configs project --scratch /tmp

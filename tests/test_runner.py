@@ -67,11 +67,13 @@ def test_unquoted_on_off_in_yaml_mean_the_words(tmp_path):
     """PyYAML reads `padding_free: off` (and `-p padding_free off`) as False; the on/off fields take it as "off"."""
     import yaml
 
-    params = yaml.safe_load("02_train_lora:\n  padding_free: off\n  gradient_checkpointing: on\n  token_metrics: on\n")
+    params = yaml.safe_load("02_train_lora:\n  padding_free: off\n  gradient_checkpointing: on\n  token_metrics: on\n"
+                            "  merge_micro_batches: off\n")
     per_stage, problems = stage_params(params, tmp_path, tmp_path)
     assert problems == []
     train = per_stage["02_train_lora"]
     assert (train["padding_free"], train["gradient_checkpointing"], train["token_metrics"]) == ("off", "on", True)
+    assert train["merge_micro_batches"] == "off"  # a field whose words are auto/off only
     _, problems = stage_params({"02_train_lora": {"lora_target": False}}, tmp_path, tmp_path)
     assert any("lora_target: must be a string" in p for p in problems)  # only the on/off fields
 
