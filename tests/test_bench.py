@@ -84,6 +84,22 @@ def test_train_benchmark_precision_follows_trl_defaults_and_overrides(monkeypatc
         ("project", "bf16", "grouped_matmul"), ("project:precision=fp32", "fp32", "sdpa")]
 
 
+def test_profile_adds_an_untimed_step_and_its_summary(tiny_model_dir):
+    """`profile`: one more optimizer step after the timed ones, under torch.profiler, summarised in the run's line;
+    the timed steps and their tokens are those of a run without it."""
+    runs = {}
+    for profile in (False, True):
+        lines = []
+        bench_train(BenchArgs(model=str(tiny_model_dir), steps=1, warmup=1, batch=2, accum=1, rounds=1, max_length=512,
+                              configs=("project",), isolate="off", profile=profile), emit=lines.append)
+        runs[profile] = json.loads(lines[0])
+    assert "profile" not in runs[False]
+    summary = runs[True]["profile"]
+    assert summary["wall_s"] > 0
+    assert any(name in ("aten::mm", "aten::addmm") and ms > 0 for name, ms, _ in summary["top_ms"])
+    assert runs[True]["tokens"] == runs[False]["tokens"]  # the same samples timed; the profiled step is extra
+
+
 def test_command_line_prints_only_json_lines_on_stdout(monkeypatch, capsys):
     """What a run prints besides its results (DeepSpeed's import warning, trainer logs) goes to stderr, so
     `python -m ironman_nb.bench train > results.jsonl` stays parseable."""
