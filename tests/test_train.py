@@ -74,26 +74,36 @@ def _gradients_before_step():
     return GradientsBeforeStep()
 
 
+def _train_capturing_gradients(cfg):
+    """(setup, gradients the optimizer was about to apply, one dict per step) of a training run of `cfg`."""
+    capture = _gradients_before_step()
+    setup = build_trainer(cfg, extra_callbacks=[capture])
+    capture.model = setup.trainer.model
+    setup.trainer.train()
+    return setup, capture.steps
+
+
+def _assert_same_gradients(expected_steps, actual_steps, rtol=1e-4, atol=1e-6):
+    import torch
+
+    assert len(expected_steps) == len(actual_steps) and expected_steps
+    for expected, actual in zip(expected_steps, actual_steps):
+        assert expected.keys() == actual.keys() and expected
+        for name in expected:
+            assert torch.allclose(expected[name], actual[name], rtol=rtol, atol=atol), name
+
+
 def test_one_prefix_pass_per_optimizer_step_gives_the_plain_gradients(tmp_path, tiny_model_dir):
     """With gradient accumulation, the shared prefix runs once per optimizer step (not per micro-batch), and
     the gradients the optimizer sees equal those of plain padded rows."""
-    import torch
-
     grads = {}
     for mode in ("padded", "shared prefix"):
-        capture = _gradients_before_step()
-        cfg = tiny_cfg(tmp_path / mode, tiny_model_dir, max_steps=2, gradient_accumulation_steps=3, eval_steps=0,
-                       save_steps=100, **BATCH_MODES[mode])
-        setup = build_trainer(cfg, extra_callbacks=[capture])
-        capture.model = setup.trainer.model
-        setup.trainer.train()
-        grads[mode] = capture.steps
+        setup, grads[mode] = _train_capturing_gradients(tiny_cfg(
+            tmp_path / mode, tiny_model_dir, max_steps=2, gradient_accumulation_steps=3, eval_steps=0, save_steps=100,
+            **BATCH_MODES[mode]))
     assert setup.trainer.prefix_passes == 2  # 2 steps x 3 micro-batches, one prefix pass per step
-    assert len(grads["padded"]) == len(grads["shared prefix"]) == 2
-    for plain, shared in zip(grads["padded"], grads["shared prefix"]):
-        assert plain.keys() == shared.keys() and plain
-        for name in plain:
-            assert torch.allclose(plain[name], shared[name], rtol=1e-4, atol=1e-6), name
+    assert len(grads["padded"]) == 2
+    _assert_same_gradients(grads["padded"], grads["shared prefix"])
 
 
 @pytest.mark.parametrize("checkpointed", [None, 1])
@@ -104,8 +114,6 @@ def test_shared_prefix_with_checkpointing_gives_the_plain_gradients(tmp_path, ti
     as they were."""
     import dataclasses
 
-    import torch
-
     import ironman_nb.train as train_module
 
     choose = train_module.choose_fast_path
@@ -114,51 +122,34 @@ def test_shared_prefix_with_checkpointing_gives_the_plain_gradients(tmp_path, ti
         if mode == "shared prefix":
             monkeypatch.setattr(train_module, "choose_fast_path", lambda *a, **k: dataclasses.replace(
                 choose(*a, **k), gradient_checkpointing=True, checkpointed_layers=checkpointed))
-        capture = _gradients_before_step()
-        cfg = tiny_cfg(tmp_path / mode, tiny_model_dir, max_steps=2, gradient_accumulation_steps=2, eval_steps=0,
-                       save_steps=100, **BATCH_MODES[mode])
-        setup = build_trainer(cfg, extra_callbacks=[capture])
-        capture.model = setup.trainer.model
-        setup.trainer.train()
-        grads[mode] = capture.steps
+        setup, grads[mode] = _train_capturing_gradients(tiny_cfg(
+            tmp_path / mode, tiny_model_dir, max_steps=2, gradient_accumulation_steps=2, eval_steps=0, save_steps=100,
+            **BATCH_MODES[mode]))
     trainer = setup.trainer
     assert trainer.args.activation_checkpointing and trainer.prefix_passes == 2
     layers = trainer.model.base_model.model.model.layers
     assert [layer.gradient_checkpointing for layer in layers] == ([True, False] if checkpointed else [True, True])
     assert not any("_can_checkpoint_with_cache" in vars(layer) for layer in layers)
-    assert len(grads["padded"]) == len(grads["shared prefix"]) == 2
-    for plain, shared in zip(grads["padded"], grads["shared prefix"]):
-        assert plain.keys() == shared.keys() and plain
-        for name in plain:
-            assert torch.allclose(plain[name], shared[name], rtol=1e-4, atol=1e-6), name
+    assert len(grads["padded"]) == 2
+    _assert_same_gradients(grads["padded"], grads["shared prefix"])
 
 
 def test_merged_micro_batches_give_the_same_gradients(tmp_path, tiny_model_dir, monkeypatch):
     """merge_micro_batches: 2 x 2 samples per step run as one micro-batch of 4 (what choose_micro_batch picks on
     a GPU with room) train on the same samples with the same gradients, and the run reports the split."""
-    import torch
-
     import ironman_nb.train as train_module
 
     grads, splits = {}, {}
     for merged in (False, True):
         if merged:
             monkeypatch.setattr(train_module, "choose_micro_batch", lambda cfg, *a, **k: 4)
-        capture = _gradients_before_step()
-        cfg = tiny_cfg(tmp_path / str(merged), tiny_model_dir, max_steps=2, eval_steps=0, save_steps=100,
-                       **BATCH_MODES["padded"])
-        setup = build_trainer(cfg, extra_callbacks=[capture])
-        capture.model = setup.trainer.model
-        setup.trainer.train()
-        grads[merged] = capture.steps
+        setup, grads[merged] = _train_capturing_gradients(tiny_cfg(
+            tmp_path / str(merged), tiny_model_dir, max_steps=2, eval_steps=0, save_steps=100, **BATCH_MODES["padded"]))
         args = setup.trainer.args
         splits[merged] = (args.per_device_train_batch_size, args.gradient_accumulation_steps,
                           setup.fast.micro_batch, setup.fast.accumulation_steps)
     assert splits == {False: (2, 2, 2, 2), True: (4, 1, 4, 1)}
-    for plain, merged in zip(grads[False], grads[True]):
-        assert plain.keys() == merged.keys() and plain
-        for name in plain:
-            assert torch.allclose(plain[name], merged[name], rtol=1e-4, atol=1e-6), name
+    _assert_same_gradients(grads[False], grads[True])
 
 
 def test_collator_prefix_is_capped_to_the_training_sets_common_prefix():
@@ -604,8 +595,6 @@ def test_partial_checkpointing_gives_the_plain_gradients(tmp_path, tiny_model_di
     checkpointing."""
     import dataclasses
 
-    import torch
-
     import ironman_nb.train as train_module
 
     choose = train_module.choose_fast_path
@@ -614,21 +603,13 @@ def test_partial_checkpointing_gives_the_plain_gradients(tmp_path, tiny_model_di
         if count:
             monkeypatch.setattr(train_module, "choose_fast_path", lambda *a, **k: dataclasses.replace(
                 choose(*a, **k), gradient_checkpointing=True, checkpointed_layers=count))
-        capture = _gradients_before_step()
-        cfg = tiny_cfg(tmp_path / str(count), tiny_model_dir, max_steps=2, eval_steps=0, save_steps=100,
-                       **BATCH_MODES["padded"])
-        setup = build_trainer(cfg, extra_callbacks=[capture])
-        capture.model = setup.trainer.model
-        setup.trainer.train()
-        grads[count] = capture.steps
+        setup, grads[count] = _train_capturing_gradients(tiny_cfg(
+            tmp_path / str(count), tiny_model_dir, max_steps=2, eval_steps=0, save_steps=100, **BATCH_MODES["padded"]))
         layers = setup.trainer.model.base_model.model.model.layers
         flags[count] = [layer.gradient_checkpointing for layer in layers]
     assert flags == {None: [False, False], 1: [True, False]}
-    assert len(grads[None]) == len(grads[1]) == 2
-    for plain, partial in zip(grads[None], grads[1]):
-        assert plain.keys() == partial.keys() and plain
-        for name in plain:
-            assert torch.allclose(plain[name], partial[name], rtol=1e-5, atol=1e-7), name
+    assert len(grads[None]) == 2
+    _assert_same_gradients(grads[None], grads[1], rtol=1e-5, atol=1e-7)
 
 
 def test_longest_sample(tmp_path, tiny_model_dir):
