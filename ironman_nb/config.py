@@ -92,7 +92,8 @@ class StageConfig:
     def normalised(cls, params: Mapping[str, Any]) -> dict[str, Any]:
         """YAML (PyYAML, as profiles and `-p` values are read) turns unquoted on/off into True/False: give the
         fields that choose between "on" and "off" their word back."""
-        return {key: ("on" if value else "off") if isinstance(value, bool) and "off" in cls.choices.get(key, ()) else value
+        return {key: ("on" if value else "off")
+                if isinstance(value, bool) and "off" in cls.choices.get(key, ()) else value
                 for key, value in params.items()}
 
     @classmethod

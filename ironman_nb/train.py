@@ -136,15 +136,16 @@ GPU_PREFIX_MIN_BATCH = 8
 def choose_micro_batch(cfg: TrainConfig, device: str, world_size: int, estimate, budget: float) -> int:
     """Samples per micro-batch: with `merge_micro_batches='auto'` on a GPU, the most (a divisor of the samples
     per optimizer step, at least per_device_train_batch_size) whose estimated peak fits `budget` with every
-    layer checkpointed; elsewhere per_device_train_batch_size.
+    layer checkpointed; elsewhere per_device_train_batch_size (a CPU, several processes, DeepSpeed — whose sharded
+    weights the estimate does not model —, a fixed checkpointing choice, 4-bit).
 
     A LoRA step on a GPU waits on kernel launches more than on the kernels (H100, Qwen2-7B shape, 4 samples per
     micro-batch: kernels ran 13-30 % of the step's time), so fewer, larger micro-batches — the same samples per
     step and the same loss — beat smaller ones without checkpointing. `estimate(micro_batch)` is the
     MemoryEstimate of the longest such batch, or None."""
     given = cfg.per_device_train_batch_size
-    if (cfg.merge_micro_batches == "off" or device != "cuda" or world_size > 1 or not budget
-            or cfg.gradient_checkpointing != "auto" or cfg.quantization != "none"):
+    if (cfg.merge_micro_batches == "off" or device != "cuda" or world_size > 1 or cfg.launcher == "deepspeed"
+            or not budget or cfg.gradient_checkpointing != "auto" or cfg.quantization != "none"):
         return given
     per_step = given * cfg.gradient_accumulation_steps
     for micro_batch in range(per_step, given, -1):
@@ -777,8 +778,8 @@ class TrainResult:
 
         r = self.run_config["resolved"]
         keys = ("device", "precision", "gradient_checkpointing", "checkpointed_layers", "micro_batch",
-                "accumulation_steps", "padding_free", "shared_prefix", "liger_kernel", "fused_lora", "attn_implementation",
-                "base_model_path", "end_of_turn_token", "train_samples", "eval_samples", "resumed_from")
+                "accumulation_steps", "padding_free", "shared_prefix", "liger_kernel", "fused_lora",
+                "attn_implementation", "base_model_path", "end_of_turn_token", "train_samples", "eval_samples", "resumed_from")
         rows = [(k, str(r.get(k))) for k in keys] + [("output_dir", str(self.output_dir))]
         return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")
 

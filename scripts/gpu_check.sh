@@ -101,7 +101,8 @@ baseline:gradient_checkpointing=false;baseline"
 # Partial checkpointing without the shared prefix: 16 samples in one micro-batch of whole padded rows; `auto`
 # checkpoints the fewest layers that fit (estimated: 5 of 28 at the longest batch), against every layer.
 step train_qwen2-7b_batch16 150 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 16 --accum 1 \
-  --steps 2 --warmup 1 --rounds 1 --configs "project:shared_prefix=off;project:shared_prefix=off,gradient_checkpointing=on"
+  --steps 2 --warmup 1 --rounds 1 \
+  --configs "project:shared_prefix=off;project:shared_prefix=off,gradient_checkpointing=on"
 step pipeline 90 python3 scripts/gpu_pipeline.py --zero3 --tokenizer $TOK --run-dir /tmp/gpu_run --samples $SAMPLES
 step train_qwen2-7b_4bit 120 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --quantization 4bit \
   --batch 2 --accum 8 --steps 2 --warmup 1 --rounds 1 --configs project --scratch /tmp

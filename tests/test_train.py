@@ -529,7 +529,8 @@ def test_shared_prefix_plans_memory_for_the_suffixes_it_holds():
 def test_gpu_merges_micro_batches_where_memory_allows(budget_gib, expected):
     """On a GPU, `auto` runs the step's 4 x 4 samples as the fewest micro-batches whose estimate fits the budget
     with every layer checkpointed (then choose_fast_path checkpoints the fewest that fit); on a CPU, with
-    several processes, a fixed checkpointing choice or merge_micro_batches='off', the configured split stays."""
+    several processes or DeepSpeed, a fixed checkpointing choice, 4-bit or merge_micro_batches='off', the
+    configured split stays."""
     from ironman_nb.train import GPU_PREFIX_MIN_BATCH, choose_micro_batch
 
     longest, prefix = 549, 244  # the bench's persona samples, embedded tokenizer
@@ -545,7 +546,8 @@ def test_gpu_merges_micro_batches_where_memory_allows(budget_gib, expected):
     assert chosen == expected
     assert estimate(chosen).peak(28) <= budget or chosen == 4
     assert all(estimate(b).peak(28) > budget for b in (8, 16) if b > chosen)
-    for other in (dict(merge_micro_batches="off"), dict(gradient_checkpointing="off"), dict(quantization="4bit")):
+    for other in (dict(merge_micro_batches="off"), dict(gradient_checkpointing="off"), dict(quantization="4bit"),
+                  dict(launcher="deepspeed")):
         assert choose_micro_batch(TrainConfig(precision="bf16", **other), "cuda", 1, estimate, budget) == 4
     assert choose_micro_batch(cfg, "cpu", 1, estimate, budget) == 4
     assert choose_micro_batch(cfg, "cuda", 2, estimate, budget) == 4
