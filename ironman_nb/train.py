@@ -172,14 +172,13 @@ def spread_layers(count: int, layers: int) -> list[int]:
 
 def _partial_checkpointing_callback(count: int):
     from transformers import TrainerCallback
-    from transformers.modeling_layers import GradientCheckpointingLayer
 
     class PartialCheckpointing(TrainerCallback):
         """Keep checkpointing on `count` evenly spread decoder layers only. `Trainer.train` turns it on for every
         layer just before `on_train_begin` (transformers' own `every_n_layers` only allows every n-th layer)."""
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            layers = checkpointable_layers(model)
             chosen = set(spread_layers(min(count, len(layers)), len(layers)))
             for index, layer in enumerate(layers):
                 layer.gradient_checkpointing = index in chosen
@@ -481,15 +480,21 @@ def read_only_prefix(cache):
     return cache
 
 
+def checkpointable_layers(model) -> list:
+    """The model's decoder layers that gradient checkpointing can wrap (transformers' GradientCheckpointingLayer)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
 @contextlib.contextmanager
-def prefix_cache_under_checkpointing(model, run_prefix: bool):
+def prefix_cache_under_checkpointing(decoder_layers: list, run_prefix: bool):
     """Checkpointed decoder layers and the shared prefix: transformers drops a layer's cache under checkpointing,
     since a recompute would write it twice. For the samples' forward (`run_prefix=False`) the cache is read-only
     (read_only_prefix), so the layers keep it; the prefix pass itself (`run_prefix=True`), which writes the
-    cache, runs without checkpointing (its activations are held for the step: MemoryEstimate.fixed)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    cache, runs without checkpointing (its activations are held for the step: MemoryEstimate.fixed).
+    `decoder_layers`: checkpointable_layers of the model."""
+    layers = [layer for layer in decoder_layers if layer.gradient_checkpointing]
     for layer in layers:
         if run_prefix:
             layer.gradient_checkpointing = False
@@ -579,6 +584,7 @@ def _sft_trainer_class():
             self.token_metrics = token_metrics
             self.prefix_passes = 0  # forward passes of the shared prefix while training
             self._held_prefix: _HeldPrefix | None = None
+            self._checkpointable: list | None = None
             # Once per optimizer step needs a backward of its own after the micro-batches' backward; DeepSpeed,
             # FSDP and DDP reduce gradients inside each backward, so there the prefix runs per micro-batch.
             self.prefix_per_step = not (self.is_deepspeed_enabled or self.is_fsdp_enabled
@@ -623,7 +629,7 @@ def _sft_trainer_class():
                     read_only_prefix(cache)
                 positions = torch.arange(prefix_tokens, prefix_tokens + width, device=ids.device)[None].expand(batch, -1)
                 full_mask = torch.cat([mask.new_ones(batch, prefix_tokens), mask], dim=1)
-                with head_rows, prefix_cache_under_checkpointing(inner, run_prefix=False):
+                with head_rows, prefix_cache_under_checkpointing(self._decoder_layers(inner), run_prefix=False):
                     outputs = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, cache=cache,
                                     use_cache=True)
             logits = outputs.logits
@@ -652,9 +658,15 @@ def _sft_trainer_class():
             inner = self.accelerator.unwrap_model(model)
             # Our own cache: under checkpointing the model would make none (it sets use_cache=False).
             cache = DynamicCache(config=inner.config)
-            with prefix_cache_under_checkpointing(inner, run_prefix=True):
+            with prefix_cache_under_checkpointing(self._decoder_layers(inner), run_prefix=True):
                 model(input_ids=prefix[None], cache=cache, use_cache=True, logits_to_keep=1)
             return cache
+
+        def _decoder_layers(self, inner) -> list:
+            """checkpointable_layers of the trained model, found once (the shared prefix asks per micro-batch)."""
+            if self._checkpointable is None:
+                self._checkpointable = checkpointable_layers(inner)
+            return self._checkpointable
 
         def _step_prefix(self, model, prefix) -> _HeldPrefix:
             """This optimizer step's prefix pass: run on its first micro-batch, reused by the others."""
