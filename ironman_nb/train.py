@@ -133,6 +133,17 @@ def memory_budget(cfg: TrainConfig, device: str, device_memory: int | None = Non
 GPU_PREFIX_MIN_BATCH = 8
 
 
+def wants_shared_prefix(cfg: TrainConfig, device: str, world_size: int, micro_batch: int) -> bool:
+    """Whether the shared system-turn prefix runs, at `micro_batch` samples per micro-batch. It needs padded rows.
+    On a CPU, where time follows FLOPs, it saves more than packing (the persona prompt is ~45 % of each sample);
+    on a GPU it pays off with large micro-batches only (GPU_PREFIX_MIN_BATCH). Two forward calls per backward
+    (prefix, then samples) are not for DDP / ZeRO gradient hooks."""
+    if cfg.shared_prefix != "auto":
+        return cfg.shared_prefix == "on"
+    least = GPU_PREFIX_MIN_BATCH if device == "cuda" else 2
+    return micro_batch >= least and cfg.padding_free != "on" and world_size == 1 and cfg.launcher != "deepspeed"
+
+
 def choose_micro_batch(cfg: TrainConfig, device: str, world_size: int, estimate, budget: float) -> int:
     """Samples per micro-batch: with `merge_micro_batches='auto'` on a GPU, the most (a divisor of the samples
     per optimizer step, at least per_device_train_batch_size) whose estimated peak fits `budget` with every
@@ -194,16 +205,7 @@ def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | Non
     `cfg.max_memory_gib` does not set the budget); `model_type`: the model's, for the attention implementation.
     `cfg`'s micro-batch is the one that runs (choose_micro_batch)."""
     precision = resolve_precision(cfg.precision, device)
-    # The shared system-turn prefix needs padded rows. On a CPU, where time follows FLOPs, it saves more than
-    # packing (the persona prompt is ~45 % of each sample). On a GPU it pays off with large micro-batches only
-    # (GPU_PREFIX_MIN_BATCH). Two forward calls per backward (prefix, then samples) are not for DDP / ZeRO
-    # gradient hooks.
-    if cfg.shared_prefix == "auto":
-        least = GPU_PREFIX_MIN_BATCH if device == "cuda" else 2
-        prefix_wanted = (cfg.per_device_train_batch_size >= least and cfg.padding_free != "on" and world_size == 1
-                         and cfg.launcher != "deepspeed")
-    else:
-        prefix_wanted = cfg.shared_prefix == "on"
+    shared_prefix = wants_shared_prefix(cfg, device, world_size, cfg.per_device_train_batch_size)
     checkpointed = None
     if cfg.gradient_checkpointing == "auto":
         # Checkpointing costs up to ~1/3 more compute; pay it only where training without it would not fit the
@@ -211,7 +213,7 @@ def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | Non
         # 4-bit profile says memory is what is short. With the shared prefix the batch holds its samples'
         # suffixes and one prefix.
         checkpointing = cfg.quantization == "4bit"
-        planned = prefix_memory if prefix_wanted and prefix_memory else memory
+        planned = prefix_memory if shared_prefix and prefix_memory else memory
         budget = memory_budget(cfg, device, device_memory) if planned and not checkpointing else 0.0
         if budget:
             count = layers_to_checkpoint(planned, budget)
@@ -219,7 +221,6 @@ def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | Non
     else:
         checkpointing = cfg.gradient_checkpointing == "on"
     attn = attention_implementation(device, precision, model_type)
-    shared_prefix = prefix_wanted
     if cfg.padding_free == "auto":
         # Packed rows save the padding; on CUDA, sdpa with the per-sample mask measured slower than padding,
         # so pack there only with flash attention's varlen kernels.
@@ -896,10 +897,10 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
         return estimate_training_memory(model.config, weight_bytes, precision, batch * longest)
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    shared_possible = bool(prefix) and cfg.shared_prefix != "off" and cfg.padding_free != "on"
-    micro_batch = choose_micro_batch(cfg, device, world_size,
-                                     lambda b: estimate(b, shared_possible and b >= GPU_PREFIX_MIN_BATCH),
-                                     memory_budget(cfg, device))
+    def estimate_as_run(batch: int) -> MemoryEstimate | None:
+        return estimate(batch, bool(prefix) and wants_shared_prefix(cfg, device, world_size, batch))
+
+    micro_batch = choose_micro_batch(cfg, device, world_size, estimate_as_run, memory_budget(cfg, device))
     if micro_batch != cfg.per_device_train_batch_size:
         per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
         cfg = dataclasses.replace(cfg, per_device_train_batch_size=micro_batch,
