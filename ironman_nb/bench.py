@@ -312,6 +312,7 @@ def _run_once(name: str, args: BenchArgs, device: str, precision: str, records: 
                            "shared_prefix": isinstance(trainer.data_collator, SharedPrefixCollator),
                            "liger_kernel": fast.liger_kernel if fast else False,
                            "fused_lora": fast.fused_lora if fast else False,
+                           "torch_compile": fast.torch_compile if fast else False,
                            "attn_implementation": trainer.model.config._attn_implementation,
                            "quantization": args.quantization}
     if timer.profile is not None:

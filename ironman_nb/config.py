@@ -215,6 +215,7 @@ class TrainConfig(StageConfig):
     merge_micro_batches: str = "auto"
     liger_kernel: str = "auto"
     fused_lora: bool = True
+    torch_compile: bool = False
     token_metrics: bool = False
     quantization: str = "none"
     seed: int = 42
@@ -268,6 +269,12 @@ class TrainConfig(StageConfig):
             problems.append(("main_process_port", f"must be a TCP port 1-65535 (got {self.main_process_port})"))
         if self.num_machines > 1 and not self.main_process_ip.strip():
             problems.append(("main_process_ip", "is required with num_machines > 1: the address of machine_rank 0"))
+        if self.torch_compile and self.launcher == "deepspeed":
+            problems.append(("torch_compile", "is not for the deepspeed launcher (ZeRO-3 gathers each layer's weights "
+                                              "in module hooks); set it False"))
+        if self.torch_compile and self.quantization != "none":
+            problems.append(("torch_compile", "needs an unquantized base (4-bit layers are bitsandbytes calls); "
+                                              "set it False or quantization='none'"))
         if self.launcher == "none" and (self.num_processes > 1 or self.num_machines > 1):
             problems.append(("launcher", "several processes or machines need launcher 'accelerate' or 'deepspeed'"))
         return problems

@@ -52,6 +52,7 @@ class FastPath:
     attn_implementation: str
     liger_kernel: bool = False
     fused_lora: bool = False
+    torch_compile: bool = False
     # With checkpointing: how many decoder layers, spread evenly (None: all of them).
     checkpointed_layers: int | None = None
     # Samples per forward/backward and forward/backwards per optimizer step (merge_micro_batches may change
@@ -234,12 +235,15 @@ def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | Non
         raise ConfigError("TrainConfig.shared_prefix: 'on' with the deepspeed launcher needs gradient_checkpointing "
                           "'off'; or set shared_prefix='off'")
     liger_installed = importlib.util.find_spec("liger_kernel") is not None
+    if cfg.liger_kernel == "on" and cfg.torch_compile:
+        raise ConfigError("TrainConfig.liger_kernel: 'on' does not combine with torch_compile=True (compiling fuses "
+                          "the same norms and MLP); set one of them off")
     if cfg.liger_kernel == "on" and (device != "cuda" or not liger_installed):
         raise ConfigError("TrainConfig.liger_kernel: 'on' needs a CUDA GPU and `pip install liger-kernel` "
                           f"(device {device}, liger-kernel {'installed' if liger_installed else 'not installed'})")
     # The 4-bit profile keeps its norms in fp32 (prepare for k-bit training); Liger's kernels are for bf16 runs.
     liger = cfg.liger_kernel == "on" or (cfg.liger_kernel == "auto" and device == "cuda" and liger_installed
-                                         and cfg.quantization == "none")
+                                         and cfg.quantization == "none" and not cfg.torch_compile)
     return FastPath(device, precision, checkpointing, padding_free, shared_prefix, attn, liger,
                     checkpointed_layers=checkpointed, micro_batch=cfg.per_device_train_batch_size,
                     accumulation_steps=cfg.gradient_accumulation_steps)
@@ -301,6 +305,34 @@ def fuse_lora_forwards(model) -> int:
     for layer in layers:
         layer.forward = types.MethodType(_fused_lora_forward, layer)
     return len(layers)
+
+
+COMPILE_RECOMPILE_LIMIT = 64
+
+
+def compile_decoder_layers(decoder_layers: list) -> int:
+    """torch.compile the modules of each decoder layer (`checkpointable_layers`) but the attention's own
+    forward: the norms, the MLP and the attention's projections, LoRA layers included; how many modules.
+
+    Each compiled module runs as generated kernels with one autograd node for its backward instead of a few dozen
+    eager operators (on a GPU, each a kernel launch the step waits on). The attention forward stays eager: it
+    writes the KV cache (the shared prefix's read-only one too), and a whole layer compiles once per layer index.
+    The layers' modules share their compiled graphs; the first steps of each shape pay for compiling."""
+    import torch._dynamo
+
+    # One function (a LoRA layer's forward, a norm's) compiles once per weight shape (q/o, k/v, gate/up, down),
+    # grad mode (train, eval) and input kind (the prefix pass, layer 0's inputs need no gradient): more than
+    # dynamo's default of 8 graphs per function, past which it runs the rest eagerly.
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), COMPILE_RECOMPILE_LIMIT))
+    count = 0
+    for layer in decoder_layers:
+        for child in layer.children():
+            targets = list(child.children()) if type(child).__name__.endswith("Attention") else [child]
+            for module in targets:
+                module.compile()
+                count += 1
+    return count
 
 
 def build_dataset(records: list[dict], tokenizer, max_length: int, limit: int = 0):
@@ -792,7 +824,7 @@ class TrainResult:
         r = self.run_config["resolved"]
         keys = ("device", "precision", "gradient_checkpointing", "checkpointed_layers", "micro_batch",
                 "accumulation_steps", "padding_free", "shared_prefix", "liger_kernel", "fused_lora",
-                "attn_implementation", "base_model_path", "end_of_turn_token", "train_samples", "eval_samples", "resumed_from")
+                "torch_compile", "attn_implementation", "base_model_path", "end_of_turn_token", "train_samples", "eval_samples", "resumed_from")
         rows = [(k, str(r.get(k))) for k in keys] + [("output_dir", str(self.output_dir))]
         return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")
 
@@ -935,6 +967,11 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     # DeepSpeed ZeRO-3 and FSDP hand out parameters through module calls; the fused forward reads them directly.
     if cfg.fused_lora and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
         fast = dataclasses.replace(fast, fused_lora=fuse_lora_forwards(trainer.model) > 0)
+    if cfg.torch_compile:
+        if trainer.is_fsdp_enabled:
+            raise ConfigError("TrainConfig.torch_compile: not with FSDP (it gathers each layer's weights in module "
+                              "hooks); set it False")
+        fast = dataclasses.replace(fast, torch_compile=compile_decoder_layers(checkpointable_layers(trainer.model)) > 0)
     if memory:
         chosen = (fast.checkpointed_layers or memory.layers) if fast.gradient_checkpointing else 0
         planned = prefix_memory if fast.shared_prefix and prefix_memory else memory

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check (one H100, within 8 minutes): on the Qwen2-7B shape (random weights) the generation benchmark and
-# the training benchmark (TRL defaults with and without checkpointing vs the project's path, its shared-prefix
-# variants and its run within the issue's memory bound, each with a profiled step), then — if time is left —
-# partial checkpointing at 16 samples per micro-batch, the six stages and a ZeRO-3 launch on a small random-weight
+# The GPU check (one H100, within 9 minutes): on the Qwen2-7B shape (random weights) the training benchmark (TRL
+# defaults vs the project's path, within the issue's memory bound and at 4 x 4 with the shared prefix, each
+# eager and compiled, with a profiled step) and the generation benchmark, then — if time is left — partial
+# checkpointing at 16 samples per micro-batch, the six stages and a ZeRO-3 launch on a small random-weight
 # model, the 24 GB profile's peak memory (4-bit) and the Llama-3-8B shape.
 # Its output is what the README's performance tables quote.
 #
@@ -85,19 +85,22 @@ for line in sys.stdin:
 # refuses the unchanged adapter. (Move a prepared .whl/ aside first: its wheels are for the GPU machine's Python.)
 TOK=${GPU_CHECK_TOKENIZER:-.gpu/tokenizer} M7=${GPU_CHECK_MODEL:-qwen2-7b} M8=${GPU_CHECK_MODEL2:-llama3-8b}
 SAMPLES=${GPU_CHECK_SAMPLES:-256}
-# Generation first: it also warms the machine (on a freshly started H100 the first minute of training ran ~2x
-# slower than later). Training runs each in a fresh process (the bench isolates runs on a GPU), alternating.
-step generate_qwen2-7b 60 python3 -m ironman_nb.bench generate --model $M7 --tokenizer $TOK --prompts 8 --new-tokens 64 --batch 8
 # TRL's defaults; the project path (`auto` on an 80 GB card: the step's 16 samples as one micro-batch with the
 # shared prefix, no checkpointing); the same within the issue's memory bound (TRL defaults' 15.8 GiB + 50 % as
-# `auto`'s budget: one micro-batch of 16, most layers checkpointed); 4 x 4 as configured (merge off: padded rows)
-# and with the shared prefix; TRL's defaults without checkpointing, and again as they are (the machine's drift).
-# Each in a fresh process (~50 s), each with one more profiled step after its timed ones (`profile`: the
-# device's busy share of the step, kernel launches, top ops).
+# `auto`'s budget: one micro-batch of 16, most layers checkpointed); 4 x 4 with the shared prefix (within the
+# bound without checkpointing, but waiting on kernel launches). Each in a fresh process (~50 s), each with one
+# more profiled step after its timed ones (`profile`: the device's busy share of the step, kernel launches, top
+# ops). The first is also the machine's warm-up (on a freshly started H100 the first process ran ~2x slower).
 step train_qwen2-7b 200 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 4 --accum 4 \
   --steps 3 --warmup 1 --rounds 1 --profile --configs "baseline;project;project:max_memory_gib=23.7;\
-project:merge_micro_batches=off;project:merge_micro_batches=off,shared_prefix=on;\
-baseline:gradient_checkpointing=false;baseline"
+project:merge_micro_batches=off,shared_prefix=on;baseline"
+# torch_compile on the same three project configurations: fewer, generated kernels and one autograd node per
+# compiled module, against the launch-bound steps above. Three warm-up steps: the first two shapes compile (the
+# second makes the sequence length dynamic).
+step train_qwen2-7b_compile 200 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 4 --accum 4 \
+  --steps 3 --warmup 3 --rounds 1 --profile --configs "project:torch_compile=true;\
+project:torch_compile=true,max_memory_gib=23.7;project:torch_compile=true,merge_micro_batches=off,shared_prefix=on"
+step generate_qwen2-7b 60 python3 -m ironman_nb.bench generate --model $M7 --tokenizer $TOK --prompts 8 --new-tokens 64 --batch 8
 # Partial checkpointing without the shared prefix: 16 samples in one micro-batch of whole padded rows; `auto`
 # checkpoints the fewest layers that fit (estimated: 5 of 28 at the longest batch), against every layer.
 step train_qwen2-7b_batch16 150 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 16 --accum 1 \

@@ -152,6 +152,34 @@ def test_merged_micro_batches_give_the_same_gradients(tmp_path, tiny_model_dir, 
     _assert_same_gradients(grads[False], grads[True])
 
 
+@pytest.mark.parametrize("mode", ["shared prefix", "packed"])
+def test_compiled_layers_give_the_eager_gradients(tmp_path, tiny_model_dir, monkeypatch, caplog, mode):
+    """torch_compile: the decoder layers' norms, MLP and attention projections run compiled (the attention
+    forward eager), and the optimizer sees the eager run's gradients — with the shared prefix under partial
+    checkpointing (layer 0 of 2), and with packed rows; the parameter names (the adapter's keys) stay, and no
+    function falls back to eager for having compiled too many variants."""
+    import dataclasses
+    import logging
+
+    import ironman_nb.train as train_module
+
+    choose = train_module.choose_fast_path
+    monkeypatch.setattr(train_module, "choose_fast_path", lambda *a, **k: dataclasses.replace(
+        choose(*a, **k), gradient_checkpointing=mode == "shared prefix", checkpointed_layers=1))
+    grads, setups = {}, {}
+    for compiled in (False, True):
+        setups[compiled], grads[compiled] = _train_capturing_gradients(tiny_cfg(
+            tmp_path / str(compiled), tiny_model_dir, max_steps=2, eval_steps=0, save_steps=100,
+            torch_compile=compiled, **BATCH_MODES[mode]))
+    assert not setups[False].fast.torch_compile and setups[True].fast.torch_compile
+    layer = setups[True].trainer.model.base_model.model.model.layers[0]
+    compiled = [name for name, module in layer.named_modules() if module._compiled_call_impl is not None]
+    assert sorted(compiled) == ["input_layernorm", "mlp", "post_attention_layernorm", "self_attn.k_proj",
+                                "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
+    _assert_same_gradients(grads[False], grads[True], rtol=1e-4, atol=1e-6)
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage() and r.levelno >= logging.WARNING]
+
+
 def test_collator_prefix_is_capped_to_the_training_sets_common_prefix():
     rows = [{"input_ids": [5, 6, 7, 8, 9, 10, 11], "labels": [-100] * 6 + [11]},
             {"input_ids": [5, 6, 7, 8, 9, 12, 13], "labels": [-100] * 6 + [13]}]
@@ -436,6 +464,20 @@ def test_cuda_fast_path():
     assert (large.shared_prefix, large.padding_free) == (True, False)
     qlora = choose_fast_path(TrainConfig(precision="bf16", quantization="4bit"), "cuda")
     assert (qlora.gradient_checkpointing, qlora.liger_kernel) == (True, False)
+
+
+def test_torch_compile_leaves_liger_off_and_refuses_what_it_cannot_compile():
+    """Compiling fuses the norms and MLP that Liger would replace: `auto` leaves Liger off, `on` is refused; so are
+    the runs whose layers are not plain modules (ZeRO-3's gathered weights, bitsandbytes' 4-bit layers)."""
+    from ironman_nb.config import ConfigError
+
+    assert choose_fast_path(TrainConfig(precision="bf16", torch_compile=True), "cuda").liger_kernel is False
+    with pytest.raises(ConfigError, match="liger_kernel.*torch_compile"):
+        choose_fast_path(TrainConfig(precision="bf16", torch_compile=True, liger_kernel="on"), "cuda")
+    with pytest.raises(ConfigError, match="torch_compile.*deepspeed"):
+        TrainConfig(torch_compile=True, launcher="deepspeed")
+    with pytest.raises(ConfigError, match="torch_compile.*unquantized"):
+        TrainConfig(torch_compile=True, quantization="4bit")
 
 
 def _qwen2_7b_memory(tokens, prefix_tokens=0):
