@@ -313,6 +313,7 @@ def _run_once(name: str, args: BenchArgs, device: str, precision: str, records: 
                            "liger_kernel": fast.liger_kernel if fast else False,
                            "fused_lora": fast.fused_lora if fast else False,
                            "torch_compile": fast.torch_compile if fast else False,
+                           "compile_memory_budget": fast.compile_memory_budget if fast else None,
                            "attn_implementation": trainer.model.config._attn_implementation,
                            "quantization": args.quantization}
     if timer.profile is not None:

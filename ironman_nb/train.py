@@ -53,6 +53,9 @@ class FastPath:
     liger_kernel: bool = False
     fused_lora: bool = False
     torch_compile: bool = False
+    # With torch_compile: the activation memory budget its partitioner plans each compiled module's backward
+    # for (1.0: its default; lower recomputes more — COMPILE_MEMORY_BUDGETS).
+    compile_memory_budget: float | None = None
     # With checkpointing: how many decoder layers, spread evenly (None: all of them).
     checkpointed_layers: int | None = None
     # Samples per forward/backward and forward/backwards per optimizer step (merge_micro_batches may change
@@ -96,19 +99,20 @@ class MemoryEstimate:
 
 
 def estimate_training_memory(model_config, weight_bytes: int, precision: str, tokens: int,
-                             prefix_tokens: int = 0) -> MemoryEstimate | None:
+                             prefix_tokens: int = 0, mlp_kept: int = 4) -> MemoryEstimate | None:
     """MemoryEstimate for a batch of `tokens` positions (with a shared prefix: the samples' suffixes) and a
     shared prefix of `prefix_tokens` run once for the batch; None for an architecture it does not know.
 
     `weight_bytes`: the loaded model's parameters as they are stored (fp16 training keeps fp32 weights for the
-    grad scaler, so its weights take 4 bytes each while its activations take 2)."""
+    grad scaler, so its weights take 4 bytes each while its activations take 2). `mlp_kept`: the MLP's
+    intermediate-sized tensors each layer keeps per token (4 eager; fewer compiled, COMPILE_MEMORY_BUDGETS)."""
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     hidden, layers = getattr(text, "hidden_size", None), getattr(text, "num_hidden_layers", None)
     if not hidden or not layers:
         return None  # `auto` then keeps checkpointing off
     intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
     element = 4 if precision == "fp32" else 2
-    per_token_layer = (17 * hidden + 4 * intermediate) * element
+    per_token_layer = (17 * hidden + mlp_kept * intermediate) * element
     return MemoryEstimate(weights=weight_bytes, layer_activations=tokens * per_token_layer,
                           layer_input=tokens * hidden * element,
                           logits=tokens * getattr(text, "vocab_size", 0) * 4, layers=layers,
@@ -175,6 +179,33 @@ def layers_to_checkpoint(memory: MemoryEstimate, budget: float) -> int:
     """The fewest decoder layers to checkpoint for the estimated peak to stay within `budget`: 0 when it fits
     without checkpointing, all of them when nothing fits."""
     return next((k for k in range(memory.layers + 1) if memory.peak(k) <= budget), memory.layers)
+
+
+# torch_compile's activation memory budgets, each with the MLP's intermediate-sized tensors a layer then keeps per
+# token for the backward, as the estimate counts them. Counted with saved-tensor hooks on a CPU under bf16
+# autocast: eager 4.05·intermediate + 8.5·hidden (Qwen2-0.5B-shaped layers, 512 tokens); compiled, at budget 1.0
+# 3.05 there and 3.38 on smaller layers, at 0.5 1.00, at 0.2 none (+ 7-9·hidden) — rounded up here, since the
+# partitioner's choices move with the shapes. It picks what to recompute by FLOPs: first the activation, then
+# the MLP's gate and up products — a share of one layer's forward, where checkpointing a layer recomputes all of it.
+COMPILE_MEMORY_BUDGETS = ((1.0, 4), (0.5, 2), (0.2, 0))
+
+
+def choose_compile_memory_budget(cfg: TrainConfig, estimate, budget: float) -> tuple[float, int]:
+    """(activation memory budget, MLP tensors kept) for a compiled run: the least recomputation whose estimated
+    peak without checkpointing fits `budget`. Where none fits, the partitioner's default, and `auto` checkpoints
+    layers: a checkpointed layer recomputes its whole forward anyway, and a lower budget would recompute its MLP
+    products a second time in the backward. The default too where checkpointing is not `auto` or there is no
+    budget. `estimate(mlp_kept)`: the MemoryEstimate of the longest batch as it runs, or None."""
+    default = COMPILE_MEMORY_BUDGETS[0]
+    if cfg.gradient_checkpointing != "auto" or not budget:
+        return default
+    for choice in COMPILE_MEMORY_BUDGETS:
+        memory = estimate(choice[1])
+        if memory is None:
+            return default
+        if memory.peak() <= budget:
+            return choice
+    return default
 
 
 def spread_layers(count: int, layers: int) -> list[int]:
@@ -310,15 +341,22 @@ def fuse_lora_forwards(model) -> int:
 COMPILE_RECOMPILE_LIMIT = 64
 
 
-def compile_decoder_layers(decoder_layers: list) -> int:
+def compile_decoder_layers(decoder_layers: list, activation_memory_budget: float = 1.0) -> int:
     """torch.compile the modules of each decoder layer (`checkpointable_layers`) but the attention's own
     forward: the norms, the MLP and the attention's projections, LoRA layers included; how many modules.
 
     Each compiled module runs as generated kernels with one autograd node for its backward instead of a few dozen
     eager operators (on a GPU, each a kernel launch the step waits on). The attention forward stays eager: it
     writes the KV cache (the shared prefix's read-only one too), and a whole layer compiles once per layer index.
-    The layers' modules share their compiled graphs; the first steps of each shape pay for compiling."""
+    The layers' modules share their compiled graphs; the first steps of each shape pay for compiling.
+    `activation_memory_budget` (COMPILE_MEMORY_BUDGETS): below 1, the compiled backward recomputes more of the
+    forward and the layers keep less. It is read when a graph compiles, so graphs compiled earlier in this
+    process (another run's, with another budget) are dropped first."""
     import torch._dynamo
+    import torch._functorch.config
+
+    torch._dynamo.reset()
+    torch._functorch.config.activation_memory_budget = activation_memory_budget
 
     # One function (a LoRA layer's forward, a norm's) compiles once per weight shape (q/o, k/v, gate/up, down),
     # grad mode (train, eval) and input kind (the prefix pass, layer 0's inputs need no gradient): more than
@@ -824,7 +862,7 @@ class TrainResult:
         r = self.run_config["resolved"]
         keys = ("device", "precision", "gradient_checkpointing", "checkpointed_layers", "micro_batch",
                 "accumulation_steps", "padding_free", "shared_prefix", "liger_kernel", "fused_lora",
-                "torch_compile", "attn_implementation", "base_model_path", "end_of_turn_token", "train_samples", "eval_samples", "resumed_from")
+                "torch_compile", "compile_memory_budget", "attn_implementation", "base_model_path", "end_of_turn_token", "train_samples", "eval_samples", "resumed_from")
         rows = [(k, str(r.get(k))) for k in keys] + [("output_dir", str(self.output_dir))]
         return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")
 
@@ -923,22 +961,29 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     if prefix < SharedPrefixCollator.min_prefix:
         prefix = 0
 
-    def estimate(batch: int, shared: bool) -> MemoryEstimate | None:
+    def estimate(batch: int, shared: bool, mlp_kept: int = 4) -> MemoryEstimate | None:
         if shared:
-            return estimate_training_memory(model.config, weight_bytes, precision, batch * (longest - prefix), prefix)
-        return estimate_training_memory(model.config, weight_bytes, precision, batch * longest)
+            return estimate_training_memory(model.config, weight_bytes, precision, batch * (longest - prefix), prefix,
+                                            mlp_kept)
+        return estimate_training_memory(model.config, weight_bytes, precision, batch * longest, 0, mlp_kept)
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    def estimate_as_run(batch: int) -> MemoryEstimate | None:
-        return estimate(batch, bool(prefix) and wants_shared_prefix(cfg, device, world_size, batch))
+    def estimate_as_run(batch: int, mlp_kept: int = 4) -> MemoryEstimate | None:
+        return estimate(batch, bool(prefix) and wants_shared_prefix(cfg, device, world_size, batch), mlp_kept)
 
     micro_batch = choose_micro_batch(cfg, device, world_size, estimate_as_run, memory_budget(cfg, device))
     if micro_batch != cfg.per_device_train_batch_size:
         per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
         cfg = dataclasses.replace(cfg, per_device_train_batch_size=micro_batch,
                                   gradient_accumulation_steps=per_step // micro_batch)
-    memory = estimate(micro_batch, False)
-    prefix_memory = estimate(micro_batch, True) if prefix else None
+    # Compiled, the layers keep fewer of the MLP's tensors, and fewer still at a lower activation memory budget:
+    # the least recomputation that fits, before checkpointing whole layers.
+    compile_budget, mlp_kept = None, 4
+    if cfg.torch_compile:
+        compile_budget, mlp_kept = choose_compile_memory_budget(cfg, lambda kept: estimate_as_run(micro_batch, kept),
+                                                                memory_budget(cfg, device))
+    memory = estimate(micro_batch, False, mlp_kept)
+    prefix_memory = estimate(micro_batch, True, mlp_kept) if prefix else None
     fast = choose_fast_path(cfg, device, memory, world_size, model_type=model.config.model_type,
                             prefix_memory=prefix_memory)
     if model.config._attn_implementation != fast.attn_implementation:
@@ -971,7 +1016,8 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
         if trainer.is_fsdp_enabled:
             raise ConfigError("TrainConfig.torch_compile: not with FSDP (it gathers each layer's weights in module "
                               "hooks); set it False")
-        fast = dataclasses.replace(fast, torch_compile=compile_decoder_layers(checkpointable_layers(trainer.model)) > 0)
+        compiled = compile_decoder_layers(checkpointable_layers(trainer.model), compile_budget) > 0
+        fast = dataclasses.replace(fast, torch_compile=compiled, compile_memory_budget=compile_budget if compiled else None)
     if memory:
         chosen = (fast.checkpointed_layers or memory.layers) if fast.gradient_checkpointing else 0
         planned = prefix_memory if fast.shared_prefix and prefix_memory else memory

@@ -166,12 +166,17 @@ def test_compiled_layers_give_the_eager_gradients(tmp_path, tiny_model_dir, monk
     choose = train_module.choose_fast_path
     monkeypatch.setattr(train_module, "choose_fast_path", lambda *a, **k: dataclasses.replace(
         choose(*a, **k), gradient_checkpointing=mode == "shared prefix", checkpointed_layers=1))
+    # Packed rows: the least activation memory budget (the backward recomputes the MLP's products).
+    least = train_module.COMPILE_MEMORY_BUDGETS[-1]
+    if mode == "packed":
+        monkeypatch.setattr(train_module, "choose_compile_memory_budget", lambda *a, **k: least)
     grads, setups = {}, {}
     for compiled in (False, True):
         setups[compiled], grads[compiled] = _train_capturing_gradients(tiny_cfg(
             tmp_path / str(compiled), tiny_model_dir, max_steps=2, eval_steps=0, save_steps=100,
             torch_compile=compiled, **BATCH_MODES[mode]))
     assert not setups[False].fast.torch_compile and setups[True].fast.torch_compile
+    assert setups[True].fast.compile_memory_budget == (least[0] if mode == "packed" else 1.0)
     layer = setups[True].trainer.model.base_model.model.model.layers[0]
     compiled = [name for name, module in layer.named_modules() if module._compiled_call_impl is not None]
     assert sorted(compiled) == ["input_layernorm", "mlp", "post_attention_layernorm", "self_attn.k_proj",
@@ -480,7 +485,69 @@ def test_torch_compile_leaves_liger_off_and_refuses_what_it_cannot_compile():
         TrainConfig(torch_compile=True, quantization="4bit")
 
 
-def _qwen2_7b_memory(tokens, prefix_tokens=0):
+@pytest.mark.parametrize("budget_gib, expected", [(72, (1.0, 4)), (45, (0.5, 2)), (35, (0.2, 0)), (23.7, (1.0, 4))])
+def test_compiled_runs_recompute_the_mlp_before_checkpointing_layers(budget_gib, expected):
+    """torch_compile on a GPU: the least recomputation (activation memory budget) whose estimate fits without
+    checkpointing — Qwen2-7B, the step's 16 samples with the shared prefix; where none fits (23.7 GiB), the
+    default, and checkpointing takes over. Without a budget or with a fixed checkpointing choice: the default."""
+    from ironman_nb.train import COMPILE_MEMORY_BUDGETS, choose_compile_memory_budget
+
+    longest, prefix = 549, 244
+
+    def estimate(kept):
+        return _qwen2_7b_memory(16 * (longest - prefix), prefix, kept)
+
+    cfg, budget = TrainConfig(precision="bf16", torch_compile=True), budget_gib * 2**30
+    assert choose_compile_memory_budget(cfg, estimate, budget) == expected
+    index = COMPILE_MEMORY_BUDGETS.index(expected)
+    if budget_gib != 23.7:  # it fits, and the choice before it (less recomputation) would not
+        assert estimate(expected[1]).peak() <= budget
+        assert index == 0 or estimate(COMPILE_MEMORY_BUDGETS[index - 1][1]).peak() > budget
+    else:
+        assert all(estimate(kept).peak() > budget for _, kept in COMPILE_MEMORY_BUDGETS)
+    assert choose_compile_memory_budget(cfg, estimate, 0.0) == (1.0, 4)
+    fixed = TrainConfig(precision="bf16", torch_compile=True, gradient_checkpointing="off")
+    assert choose_compile_memory_budget(fixed, estimate, 35 * 2**30) == (1.0, 4)
+
+
+@pytest.mark.parametrize("activation_budget", [1.0, 0.2])
+def test_compiled_layers_keep_the_mlp_tensors_the_estimate_counts(activation_budget):
+    """What a compiled layer keeps for the backward per token (saved-tensor hooks, bf16 autocast as on a GPU):
+    at most the intermediate-sized MLP tensors that COMPILE_MEMORY_BUDGETS counts for its budget (and ~9
+    hidden-sized ones; the estimate counts 17), at the lowest budget none; at the default, more than one."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ironman_nb.train import (COMPILE_MEMORY_BUDGETS, checkpointable_layers, compile_decoder_layers,
+                                  fuse_lora_forwards, lora_config)
+
+    kept = dict(COMPILE_MEMORY_BUDGETS)[activation_budget]
+    hidden, intermediate, layers = 128, 704, 2  # Qwen2's ratio of the two
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("qwen2", hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16), lora_config(TrainConfig()))
+    fuse_lora_forwards(model)
+    compile_decoder_layers(checkpointable_layers(model), activation_budget)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    for length in (30, 31, 32):  # the first shapes compile (the second makes the length dynamic)
+        kept_bytes = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                kept_bytes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        ids = torch.randint(0, 128, (2, length))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, use_cache=False, logits_to_keep=1).logits.float().sum().backward()
+    per_token_layer = sum(kept_bytes.values()) / 2 / (ids.numel() * layers)  # bf16 elements
+    assert per_token_layer <= kept * intermediate + 10 * hidden, per_token_layer
+    assert kept == 0 or per_token_layer > 2 * intermediate, per_token_layer  # the default keeps MLP tensors
+
+
+def _qwen2_7b_memory(tokens, prefix_tokens=0, mlp_kept=4):
     from transformers import AutoConfig
 
     from ironman_nb.bench import SHAPES
@@ -488,7 +555,7 @@ def _qwen2_7b_memory(tokens, prefix_tokens=0):
 
     shape = dict(SHAPES["qwen2-7b"])
     return estimate_training_memory(AutoConfig.for_model(shape.pop("model_type"), **shape), 2 * 7_615_616_512, "bf16",
-                                    tokens, prefix_tokens)
+                                    tokens, prefix_tokens, mlp_kept)
 
 
 H100, L40S, A100_40GB = 85_520_000_000, 47_700_000_000, 42_410_000_000  # total_memory as CUDA reports it
