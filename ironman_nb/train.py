@@ -862,7 +862,8 @@ class TrainResult:
         r = self.run_config["resolved"]
         keys = ("device", "precision", "gradient_checkpointing", "checkpointed_layers", "micro_batch",
                 "accumulation_steps", "padding_free", "shared_prefix", "liger_kernel", "fused_lora",
-                "torch_compile", "compile_memory_budget", "attn_implementation", "base_model_path", "end_of_turn_token", "train_samples", "eval_samples", "resumed_from")
+                "torch_compile", "compile_memory_budget", "attn_implementation", "base_model_path",
+                "end_of_turn_token", "train_samples", "eval_samples", "resumed_from")
         rows = [(k, str(r.get(k))) for k in keys] + [("output_dir", str(self.output_dir))]
         return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")
 
@@ -1017,7 +1018,8 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
             raise ConfigError("TrainConfig.torch_compile: not with FSDP (it gathers each layer's weights in module "
                               "hooks); set it False")
         compiled = compile_decoder_layers(checkpointable_layers(trainer.model), compile_budget) > 0
-        fast = dataclasses.replace(fast, torch_compile=compiled, compile_memory_budget=compile_budget if compiled else None)
+        fast = dataclasses.replace(fast, torch_compile=compiled,
+                                   compile_memory_budget=compile_budget if compiled else None)
     if memory:
         chosen = (fast.checkpointed_layers or memory.layers) if fast.gradient_checkpointing else 0
         planned = prefix_memory if fast.shared_prefix and prefix_memory else memory
