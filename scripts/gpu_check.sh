@@ -85,23 +85,24 @@ for line in sys.stdin:
 # refuses the unchanged adapter. (Move a prepared .whl/ aside first: its wheels are for the GPU machine's Python.)
 TOK=${GPU_CHECK_TOKENIZER:-.gpu/tokenizer} M7=${GPU_CHECK_MODEL:-qwen2-7b} M8=${GPU_CHECK_MODEL2:-llama3-8b}
 SAMPLES=${GPU_CHECK_SAMPLES:-256}
-# TRL's defaults; the project path (`auto` on an 80 GB card: the step's 16 samples as one micro-batch with the
-# shared prefix, no checkpointing); the same within the issue's memory bound (TRL defaults' 15.8 GiB + 50 % as
-# `auto`'s budget: one micro-batch of 16, most layers checkpointed); 4 x 4 with the shared prefix (within the
-# bound without checkpointing, but waiting on kernel launches). Each in a fresh process (~50 s), each with one
-# more profiled step after its timed ones (`profile`: the device's busy share of the step, kernel launches, top
-# ops). The first is also the machine's warm-up (on a freshly started H100 the first process ran ~2x slower).
+# TRL's defaults (also the machine's warm-up: on a freshly started H100 the first process ran ~2x slower); the
+# project path within the issue's memory bound (TRL defaults' 15.8 GiB + 50 % as `auto`'s budget: one
+# micro-batch of 16, most layers checkpointed); `auto` on an 80 GB card (the step's 16 samples as one
+# micro-batch with the shared prefix, no checkpointing); 4 x 4 with the shared prefix (within the bound without
+# checkpointing, but waiting on kernel launches). Each in a fresh process (~50 s), each with one more profiled
+# step after its timed ones (`profile`: the device's busy share of the step, kernel launches, top ops).
 step train_qwen2-7b 200 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 4 --accum 4 \
-  --steps 3 --warmup 1 --rounds 1 --profile --configs "baseline;project;project:max_memory_gib=23.7;\
-project:merge_micro_batches=off,shared_prefix=on;baseline"
+  --steps 3 --warmup 1 --rounds 1 --profile --configs "baseline;project:max_memory_gib=23.7;project;\
+project:merge_micro_batches=off,shared_prefix=on"
 # torch_compile: fewer, generated kernels and one autograd node per compiled module, against the launch-bound
 # steps above. First with a 36 GiB budget, where `auto` picks the lowest activation memory budget (the backward
 # recomputes the MLP's products; estimated 33.2 GiB, counted ~27: the estimate ran ~25 % high before), no layer
-# checkpointed; then on the card's budget, at 4 x 4 with the shared prefix, and within 23.7 GiB.
-# Three warm-up steps: the first two shapes compile (the second makes the sequence length dynamic).
+# checkpointed; then at 4 x 4 with the shared prefix (within the bound), on the card's budget, and within
+# 23.7 GiB — most telling first, as the budget may cut the step. Three warm-up steps: the first two shapes
+# compile (the second makes the sequence length dynamic).
 step train_qwen2-7b_compile 200 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 4 --accum 4 \
   --steps 3 --warmup 3 --rounds 1 --profile --configs "project:torch_compile=true,max_memory_gib=36;\
-project:torch_compile=true;project:torch_compile=true,merge_micro_batches=off,shared_prefix=on;\
+project:torch_compile=true,merge_micro_batches=off,shared_prefix=on;project:torch_compile=true;\
 project:torch_compile=true,max_memory_gib=23.7"
 step generate_qwen2-7b 60 python3 -m ironman_nb.bench generate --model $M7 --tokenizer $TOK --prompts 8 --new-tokens 64 --batch 8
 # Partial checkpointing without the shared prefix: 16 samples in one micro-batch of whole padded rows; `auto`
