@@ -269,33 +269,49 @@ def test_fused_lora_forward_under_bf16_autocast_and_fallbacks(tiny_model_dir):
         assert torch.equal(model(input_ids=ids, use_cache=False).logits, plain(input_ids=ids, use_cache=False).logits)
 
 
-def test_fused_lora_forward_keeps_fewer_activations_for_the_backward():
-    """Under bf16 autocast with fp32 adapters (a GPU run), PEFT's forward keeps a bf16 copy of each LoRA layer's
-    input for the backward; the fused forward keeps the input itself, shared by q/k/v and by gate/up."""
+def _small_qwen2_lora(hidden: int, intermediate: int, layers: int):
+    """A random-weight Qwen2-shaped model in bf16 with the project's LoRA adapters (fp32, as on a GPU)."""
     import torch
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ironman_nb.train import fuse_lora_forwards, lora_config
+    from ironman_nb.train import lora_config
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("qwen2", hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    return get_peft_model(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16), lora_config(TrainConfig()))
+
+
+def _saved_activation_bytes(model, ids) -> int:
+    """Bytes one forward under bf16 autocast keeps for the backward (saved-tensor hooks), parameters not counted."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    return sum(kept.values())
+
+
+def test_fused_lora_forward_keeps_fewer_activations_for_the_backward():
+    """Under bf16 autocast with fp32 adapters (a GPU run), PEFT's forward keeps a bf16 copy of each LoRA layer's
+    input for the backward; the fused forward keeps the input itself, shared by q/k/v and by gate/up."""
+    import torch
+
+    from ironman_nb.train import fuse_lora_forwards
 
     def kept_bytes(fused: bool) -> int:
-        torch.manual_seed(0)
-        config = AutoConfig.for_model("qwen2", hidden_size=64, intermediate_size=256, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
-        model = get_peft_model(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16), lora_config(TrainConfig()))
+        model = _small_qwen2_lora(64, 256, 1)
         if fused:
             fuse_lora_forwards(model)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        kept = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-            model(input_ids=torch.randint(0, 128, (2, 32)), use_cache=False, logits_to_keep=1)
-        return sum(kept.values())
+        return _saved_activation_bytes(model, torch.randint(0, 128, (2, 32)))
 
     peft, fused = kept_bytes(False), kept_bytes(True)
     assert fused <= 0.92 * peft, (fused, peft)
@@ -516,33 +532,19 @@ def test_compiled_layers_keep_the_mlp_tensors_the_estimate_counts(activation_bud
     at most the intermediate-sized MLP tensors that COMPILE_MEMORY_BUDGETS counts for its budget (and ~9
     hidden-sized ones; the estimate counts 17), at the lowest budget none; at the default, more than one."""
     import torch
-    from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     from ironman_nb.train import (COMPILE_MEMORY_BUDGETS, checkpointable_layers, compile_decoder_layers,
-                                  fuse_lora_forwards, lora_config)
+                                  fuse_lora_forwards)
 
     kept = dict(COMPILE_MEMORY_BUDGETS)[activation_budget]
     hidden, intermediate, layers = 128, 704, 2  # Qwen2's ratio of the two
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("qwen2", hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
-    model = get_peft_model(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16), lora_config(TrainConfig()))
+    model = _small_qwen2_lora(hidden, intermediate, layers)
     fuse_lora_forwards(model)
     compile_decoder_layers(checkpointable_layers(model), activation_budget)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     for length in (30, 31, 32):  # the first shapes compile (the second makes the length dynamic)
-        kept_bytes = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                kept_bytes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
         ids = torch.randint(0, 128, (2, length))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-            model(input_ids=ids, use_cache=False, logits_to_keep=1).logits.float().sum().backward()
-    per_token_layer = sum(kept_bytes.values()) / 2 / (ids.numel() * layers)  # bf16 elements
+        kept_bytes = _saved_activation_bytes(model, ids)
+    per_token_layer = kept_bytes / 2 / (ids.numel() * layers)  # bf16 elements
     assert per_token_layer <= kept * intermediate + 10 * hidden, per_token_layer
     assert kept == 0 or per_token_layer > 2 * intermediate, per_token_layer  # the default keeps MLP tensors
 
