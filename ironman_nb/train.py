@@ -730,7 +730,9 @@ def _sft_trainer_class():
             # Our own cache: under checkpointing the model would make none (it sets use_cache=False).
             cache = DynamicCache(config=inner.config)
             with prefix_cache_under_checkpointing(self._decoder_layers(inner), run_prefix=True):
-                model(input_ids=prefix[None], cache=cache, use_cache=True, logits_to_keep=1)
+                # No position's logits (the LM head is a GEMV over the whole vocabulary): the cache is the point.
+                model(input_ids=prefix[None], cache=cache, use_cache=True,
+                      logits_to_keep=torch.zeros(0, dtype=torch.long, device=prefix.device))
             return cache
 
         def _decoder_layers(self, inner) -> list:

@@ -401,7 +401,8 @@ def test_token_metrics_only_when_asked(tmp_path, tiny_model_dir, token_metrics):
 
 @pytest.mark.parametrize("mode", BATCH_MODES)
 def test_lm_head_runs_only_on_answer_rows(tmp_path, tiny_model_dir, mode):
-    """The LM head sees one row per answer token, not every position that is an answer in some sample."""
+    """The LM head sees one row per answer token, not every position that is an answer in some sample, and
+    none in the shared prefix's pass."""
     trainer = build_trainer(tiny_cfg(tmp_path, tiny_model_dir, **BATCH_MODES[mode])).trainer
     samples = [trainer.train_dataset[i] for i in range(3)]
     batch = trainer.data_collator(samples)
@@ -414,7 +415,7 @@ def test_lm_head_runs_only_on_answer_rows(tmp_path, tiny_model_dir, mode):
     finally:
         handle.remove()
     answers = int(targets.sum())
-    prefix_pass = [1] if mode == "shared prefix" else []  # the prefix pass keeps its last position's logits
+    prefix_pass = [0] if mode == "shared prefix" else []  # the prefix pass computes no logits at all
     assert head_rows == prefix_pass + [answers]
     if mode != "packed":  # padded rows: the union of answer columns has more rows, or the test shows nothing
         assert targets.any(dim=0).sum() * len(samples) > answers
