@@ -370,6 +370,28 @@ def test_cpu_fast_path(monkeypatch):
         choose_fast_path(TrainConfig(shared_prefix="on", padding_free="on"), "cpu")
 
 
+def test_per_micro_batch_bookkeeping_walks_the_modules_once(tmp_path, tiny_model_dir, monkeypatch):
+    """Trainer's FLOP count and the unwrapped model are what transformers / accelerate give, each looked up once
+    (both walk every module — thousands in a LoRA model — which a GPU step would otherwise wait on)."""
+    import torch
+    from transformers import Trainer
+
+    trainer = build_trainer(tiny_cfg(tmp_path, tiny_model_dir)).trainer
+    model = trainer.model
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    expected = Trainer.floating_point_ops(trainer, batch)
+    counts = []
+    count_parameters = model.num_parameters
+    monkeypatch.setattr(model, "num_parameters", lambda *a, **k: counts.append("parameters") or count_parameters(*a, **k))
+    assert [trainer.floating_point_ops(batch) for _ in range(3)] == [expected] * 3 and expected > 0
+    unwrap = trainer.accelerator.unwrap_model
+    monkeypatch.setattr(trainer.accelerator, "unwrap_model", lambda m, *a, **k: counts.append("unwrap") or unwrap(m, *a, **k))
+    assert [trainer._inner_model(model) for _ in range(3)] == [unwrap(model)] * 3
+    wrapper = torch.nn.Sequential(model)  # another model object: looked up again
+    assert trainer._inner_model(wrapper) is unwrap(wrapper)
+    assert counts == ["parameters", "unwrap", "unwrap"]
+
+
 @pytest.mark.parametrize("token_metrics", [False, True])
 def test_token_metrics_only_when_asked(tmp_path, tiny_model_dir, token_metrics):
     """Entropy and top-1 accuracy at the answer positions are logged only with token_metrics=True, and then
