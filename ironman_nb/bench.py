@@ -312,6 +312,7 @@ def _run_once(name: str, args: BenchArgs, device: str, precision: str, records: 
                            "shared_prefix": isinstance(trainer.data_collator, SharedPrefixCollator),
                            "liger_kernel": fast.liger_kernel if fast else False,
                            "fused_lora": fast.fused_lora if fast else False,
+                           "cudnn_attention": fast.cudnn_attention if fast else None,  # baseline: torch's choice
                            "torch_compile": fast.torch_compile if fast else False,
                            "compile_memory_budget": fast.compile_memory_budget if fast else None,
                            "attn_implementation": trainer.model.config._attn_implementation,

@@ -215,6 +215,7 @@ class TrainConfig(StageConfig):
     merge_micro_batches: str = "auto"
     liger_kernel: str = "auto"
     fused_lora: bool = True
+    cudnn_attention: bool = False
     torch_compile: bool = False
     token_metrics: bool = False
     quantization: str = "none"

@@ -235,6 +235,19 @@ def grouped_matmul_attention(module, query, key, value, attention_mask, scaling,
     return output.transpose(1, 2), weights
 
 
+def sdpa_without_cudnn():
+    """A context in which `scaled_dot_product_attention` picks among its flash, memory-efficient and math kernels,
+    not cuDNN's — torch's first pick on an H100, where each of its calls took 1.2–2.9 ms of CPU time (profiled
+    LoRA steps of a 7B shape: every configuration, forward and backward) against 40–300 µs on the GPU. A LoRA
+    step of a 7B model on one GPU waits on the CPU (README, Speed), so there the CPU time is the step's time.
+
+    The backend flags are global, so the backward — and the recompute of checkpointed layers, which must save
+    what the first forward saved — runs under them too when the whole training loop is inside."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def register_grouped_matmul_attention() -> None:
     """Make `attn_implementation="grouped_matmul"` known to transformers (idempotent)."""
     from transformers import AttentionInterface

@@ -33,6 +33,7 @@ from .models import (
     resolve_device,
     resolve_precision,
     resolve_model_path,
+    sdpa_without_cudnn,
 )
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class FastPath:
     attn_implementation: str
     liger_kernel: bool = False
     fused_lora: bool = False
+    # Whether sdpa may use cuDNN's attention kernels (CUDA; models.sdpa_without_cudnn).
+    cudnn_attention: bool = False
     torch_compile: bool = False
     # With torch_compile: the activation memory budget its partitioner plans each compiled module's backward
     # for (1.0: its default; lower recomputes more — COMPILE_MEMORY_BUDGETS).
@@ -62,6 +65,11 @@ class FastPath:
     # the configured split; their product, the samples per step, stays).
     micro_batch: int = 0
     accumulation_steps: int = 0
+
+    @property
+    def avoids_cudnn_attention(self) -> bool:
+        """Whether training runs inside models.sdpa_without_cudnn: sdpa on CUDA, cudnn_attention off."""
+        return self.device == "cuda" and self.attn_implementation == "sdpa" and not self.cudnn_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,6 +284,7 @@ def choose_fast_path(cfg: TrainConfig, device: str, memory: MemoryEstimate | Non
     liger = cfg.liger_kernel == "on" or (cfg.liger_kernel == "auto" and device == "cuda" and liger_installed
                                          and cfg.quantization == "none" and not cfg.torch_compile)
     return FastPath(device, precision, checkpointing, padding_free, shared_prefix, attn, liger,
+                    cudnn_attention=device == "cuda" and attn == "sdpa" and cfg.cudnn_attention,
                     checkpointed_layers=checkpointed, micro_batch=cfg.per_device_train_batch_size,
                     accumulation_steps=cfg.gradient_accumulation_steps)
 
@@ -648,8 +657,9 @@ def _sft_trainer_class():
 
         loss_is_scaled_for_ga = True  # the loss below is divided by the tokens of the whole accumulated batch
 
-        def __init__(self, *args, token_metrics: bool = False, **kwargs):
+        def __init__(self, *args, token_metrics: bool = False, avoid_cudnn_attention: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
+            self.avoid_cudnn_attention = avoid_cudnn_attention
             self.model_accepts_loss_kwargs = True  # so Trainer counts num_items_in_batch for us
             self.real_tokens_seen = 0
             self.token_metrics = token_metrics
@@ -787,6 +797,12 @@ def _sft_trainer_class():
             if held is not None:
                 held.backward()
 
+        def train(self, *args, **kwargs):
+            # Around the whole loop: checkpointed layers recompute their forward in the backward, with the
+            # kernels the forward used.
+            with sdpa_without_cudnn() if self.avoid_cudnn_attention else contextlib.nullcontext():
+                return super().train(*args, **kwargs)
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             if self.accelerator.sync_gradients:  # the step's last micro-batch: the optimizer steps next
@@ -884,7 +900,7 @@ class TrainResult:
         r = self.run_config["resolved"]
         keys = ("device", "precision", "gradient_checkpointing", "checkpointed_layers", "micro_batch",
                 "accumulation_steps", "padding_free", "shared_prefix", "liger_kernel", "fused_lora",
-                "torch_compile", "compile_memory_budget", "attn_implementation", "base_model_path",
+                "cudnn_attention", "torch_compile", "compile_memory_budget", "attn_implementation", "base_model_path",
                 "end_of_turn_token", "train_samples", "eval_samples", "resumed_from")
         rows = [(k, str(r.get(k))) for k in keys] + [("output_dir", str(self.output_dir))]
         return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")
@@ -1030,6 +1046,7 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
         peft_config=lora_config(cfg),
         data_collator=collator,
         token_metrics=cfg.token_metrics,
+        avoid_cudnn_attention=fast.avoids_cudnn_attention,
         callbacks=[stop_on_nonfinite, _progress_log_callback(), on_terminate] + partial + list(extra_callbacks),
     )
     # DeepSpeed ZeRO-3 and FSDP hand out parameters through module calls; the fused forward reads them directly.

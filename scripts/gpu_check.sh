@@ -88,12 +88,14 @@ SAMPLES=${GPU_CHECK_SAMPLES:-256}
 # TRL's defaults (also the machine's warm-up: on a freshly started H100 the first process ran ~2x slower); the
 # project path within the issue's memory bound (TRL defaults' 15.8 GiB + 50 % as `auto`'s budget: one
 # micro-batch of 16, most layers checkpointed); `auto` on an 80 GB card (the step's 16 samples as one
-# micro-batch with the shared prefix, no checkpointing); 4 x 4 with the shared prefix (within the bound without
-# checkpointing, but waiting on kernel launches). Each in a fresh process (~50 s), each with one more profiled
-# step after its timed ones (`profile`: the device's busy share of the step, kernel launches, top ops).
+# micro-batch with the shared prefix, no checkpointing), then the same with sdpa free to pick cuDNN's attention
+# (torch's default: the A/B of `cudnn_attention`, off in `auto` for its CPU cost per call); 4 x 4 with the
+# shared prefix (within the bound without checkpointing, but waiting on kernel launches). Each in a fresh
+# process (~50 s), each with one more profiled step after its timed ones (`profile`: the device's busy share of
+# the step, kernel launches, top ops).
 step train_qwen2-7b 200 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 4 --accum 4 \
   --steps 3 --warmup 1 --rounds 1 --profile --configs "baseline;project:max_memory_gib=23.7;project;\
-project:merge_micro_batches=off,shared_prefix=on"
+project:cudnn_attention=true;project:merge_micro_batches=off,shared_prefix=on"
 # torch_compile: fewer, generated kernels and one autograd node per compiled module, against the launch-bound
 # steps above. First with a 36 GiB budget, where `auto` picks the lowest activation memory budget (the backward
 # recomputes the MLP's products; estimated 33.2 GiB, counted ~27: the estimate ran ~25 % high before), no layer

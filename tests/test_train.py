@@ -510,6 +510,33 @@ def test_cuda_fast_path():
     assert (qlora.gradient_checkpointing, qlora.liger_kernel) == (True, False)
 
 
+def test_training_on_cuda_keeps_sdpa_off_cudnn_unless_asked(tmp_path, tiny_model_dir, monkeypatch):
+    """On CUDA with sdpa, training runs with cuDNN's attention kernels disabled (their CPU cost per call exceeds
+    their GPU time in a LoRA step) — the whole loop, so checkpointed recomputes use the forward's kernels; the
+    other backends stay, and the flags are restored afterwards. `cudnn_attention = True` leaves torch's choice."""
+    import torch
+    from transformers import Trainer
+
+    assert choose_fast_path(TrainConfig(precision="bf16"), "cuda").avoids_cudnn_attention
+    assert not choose_fast_path(TrainConfig(precision="bf16", cudnn_attention=True), "cuda").avoids_cudnn_attention
+    assert not choose_fast_path(TrainConfig(), "cpu").avoids_cudnn_attention
+
+    def flags():
+        cuda = torch.backends.cuda
+        return (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
+                cuda.math_sdp_enabled())
+
+    seen = []
+    monkeypatch.setattr(Trainer, "train", lambda self, *a, **k: seen.append(flags()))
+    trainer = build_trainer(tiny_cfg(tmp_path, tiny_model_dir)).trainer
+    assert not trainer.avoid_cudnn_attention  # a CPU run
+    before = flags()
+    trainer.train()
+    trainer.avoid_cudnn_attention = True
+    trainer.train()
+    assert seen == [before, (False, True, True, True)] and flags() == before and before[0]
+
+
 def test_torch_compile_leaves_liger_off_and_refuses_what_it_cannot_compile():
     """Compiling fuses the norms and MLP that Liger would replace: `auto` leaves Liger off, `on` is refused; so are
     the runs whose layers are not plain modules (ZeRO-3's gathered weights, bitsandbytes' 4-bit layers)."""
