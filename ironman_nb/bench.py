@@ -427,7 +427,7 @@ def bench_generate(model_name: str = EMBEDDED_MODEL, prompts: int = 8, new_token
     """Notebook 05's generation path vs plain one-prompt-at-a-time `generate`: same prompts, same outputs."""
     from .compare import generate_answers
     from .io import read_jsonl
-    from .models import resolve_device, resolve_precision
+    from .models import resolve_device, resolve_precision, sdpa_without_cudnn
 
     device = resolve_device()
     model, tokenizer = load_bench_model(model_name, device, resolve_precision("auto", device), tokenizer_name)
@@ -435,10 +435,16 @@ def bench_generate(model_name: str = EMBEDDED_MODEL, prompts: int = 8, new_token
     texts = [r["prompt"] for r in read_jsonl(PROMPTS)][:prompts]
     generate_answers(model, tokenizer, texts[:1], DEFAULT_SYSTEM_PROMPT, 4, 1)  # warm-up
     timings, outputs = {}, {}
-    # one_at_a_time: plain `generate`, one prompt per call. batched: notebook 05's path (batches + shared prefix).
-    for kind, size, share in (("one_at_a_time", 1, False), ("batched", batch, True)) * 2:
+    # one_at_a_time: plain `generate`, one prompt per call. batched: notebook 05's path (batches + shared prefix;
+    # on a GPU, attention off cuDNN's kernels). On a GPU also batched_cudnn: the same with torch's own choice.
+    kinds = [("one_at_a_time", 1, False, False), ("batched", batch, True, device == "cuda")]
+    if device == "cuda":
+        kinds.append(("batched_cudnn", batch, True, False))
+    for kind, size, share, avoid_cudnn in kinds * 2:
         start = time.perf_counter()
-        outputs[kind] = generate_answers(model, tokenizer, texts, DEFAULT_SYSTEM_PROMPT, new_tokens, size, share_prefix=share)
+        with sdpa_without_cudnn() if avoid_cudnn else contextlib.nullcontext():
+            outputs[kind] = generate_answers(model, tokenizer, texts, DEFAULT_SYSTEM_PROMPT, new_tokens, size,
+                                             share_prefix=share)
         timings.setdefault(kind, []).append(time.perf_counter() - start)
     new = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) + int(ended) for text, ended in outputs["batched"])
     result = {"summary": "generate", "model": model_name, "device": device, "prompts": len(texts),

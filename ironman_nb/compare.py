@@ -6,6 +6,7 @@ held-out `eval.jsonl`, with a paired bootstrap confidence interval on the differ
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
 import io
@@ -15,7 +16,7 @@ from pathlib import Path
 from .config import CompareConfig
 from .data import prompt_messages, tokenize_conversation
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
-from .models import load_model, load_tokenizer, resolve_device, resolve_precision, stop_token_ids
+from .models import load_model, load_tokenizer, resolve_device, resolve_precision, sdpa_without_cudnn, stop_token_ids
 
 # Answers that call themselves an AI / language model (the persona breaking), in Korean and English.
 PERSONA_BREAK = re.compile(
@@ -269,9 +270,11 @@ def _side(model_name: str, prompts: list[str], eval_records: list[dict], cfg: Co
         answers = generate_answers_vllm(model_name, tokenizer, prompts, cfg.system_prompt, cfg.max_new_tokens, precision)
     model = load_model(model_name, precision, device)
     model.eval()
-    if not use_vllm:
-        answers = generate_answers(model, tokenizer, prompts, cfg.system_prompt, cfg.max_new_tokens, cfg.batch_size)
-    nll = assistant_nll(model, tokenizer, eval_records) if eval_records else []
+    # As in training (models.sdpa_without_cudnn): each decoding step calls attention once per layer.
+    with sdpa_without_cudnn() if device == "cuda" else contextlib.nullcontext():
+        if not use_vllm:
+            answers = generate_answers(model, tokenizer, prompts, cfg.system_prompt, cfg.max_new_tokens, cfg.batch_size)
+        nll = assistant_nll(model, tokenizer, eval_records) if eval_records else []
     del model
     return answers, nll
 

@@ -149,3 +149,27 @@ def test_vllm_path_uses_the_chat_template_greedy_and_the_stop_tokens(monkeypatch
     assert calls["texts"][0] == tokenizer.apply_chat_template(
         [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": "누구야?"}],
         tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_generation_and_nll_keep_sdpa_off_cudnn_on_a_gpu(monkeypatch, device):
+    """On a GPU both sides of the comparison generate and score with cuDNN's attention kernels off (their CPU cost
+    per call, as in training); on a CPU the backends are left alone."""
+    import torch
+
+    import ironman_nb.compare as compare_module
+
+    def cudnn_allowed(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return []
+
+    seen = []
+    model = torch.nn.Linear(1, 1)
+    monkeypatch.setattr(compare_module, "load_tokenizer", lambda name: None)
+    monkeypatch.setattr(compare_module, "load_model", lambda *args: model)
+    monkeypatch.setattr(compare_module, "generate_answers", cudnn_allowed)
+    monkeypatch.setattr(compare_module, "assistant_nll", cudnn_allowed)
+    monkeypatch.setattr(compare_module, "vllm_available", lambda device: False)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    compare_module._side("base", ["prompt"], [{"messages": []}], CompareConfig(), device, "bf16")
+    assert seen == [device != "cuda"] * 2 and torch.backends.cuda.cudnn_sdp_enabled() == before
