@@ -169,6 +169,8 @@ def summarise_profile(profiler, wall_s: float, device: str, top: int = 12) -> di
     on_gpu = device == "cuda"
     sort_key = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     print(events.table(sort_by=sort_key, row_limit=40), file=sys.stderr)
+    if on_gpu:  # a step that waits on the CPU: where the CPU's time goes (cuDNN attention's was found this way)
+        print(events.table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
     # Operators (CPU-side rows; on a GPU ranked by the time of the kernels each launched itself).
     ranked = sorted((e for e in events if e.device_type == DeviceType.CPU), key=lambda e: getattr(e, sort_key),
                     reverse=True)
@@ -180,7 +182,9 @@ def summarise_profile(profiler, wall_s: float, device: str, top: int = 12) -> di
                        if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
         launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC",
                                                              "cuLaunchKernel", "cuLaunchKernelEx"))
-        summary.update(kernel_s=round(kernel_s, 3), device_busy=round(kernel_s / wall_s, 3), kernel_launches=launches)
+        summary.update(kernel_s=round(kernel_s, 3), device_busy=round(kernel_s / wall_s, 3), kernel_launches=launches,
+                       top_cpu_ms=[[e.key[:80], round(e.self_cpu_time_total / 1e3, 1), e.count]
+                                   for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]])
     return summary
 
 

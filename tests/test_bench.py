@@ -100,6 +100,21 @@ def test_profile_adds_an_untimed_step_and_its_summary(tiny_model_dir):
     assert runs[True]["tokens"] == runs[False]["tokens"]  # the same samples timed; the profiled step is extra
 
 
+def test_gpu_profile_summary_also_ranks_the_cpu_time(capsys):
+    """On a GPU the summary ranks operators by their kernels' time and, since such a step waits on the CPU, also
+    by the CPU time each took itself (`top_cpu_ms`, and a second table on stderr)."""
+    import torch
+    from torch.profiler import profile
+
+    from ironman_nb.bench import summarise_profile
+
+    with profile() as profiler:
+        torch.ones(256, 256) @ torch.ones(256, 256)
+    summary = summarise_profile(profiler, 1.0, "cuda")
+    assert summary["kernel_s"] == 0 and summary["top_cpu_ms"][0][0] == "aten::mm"
+    assert capsys.readouterr().err.count("Self CPU time total") == 2
+
+
 def test_command_line_prints_only_json_lines_on_stdout(monkeypatch, capsys):
     """What a run prints besides its results (DeepSpeed's import warning, trainer logs) goes to stderr, so
     `python -m ironman_nb.bench train > results.jsonl` stays parseable."""
