@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (one H100, within 9 minutes): on the Qwen2-7B shape (random weights) the training benchmark (TRL
-# defaults vs the project's path, within the issue's memory bound and at 4 x 4 with the shared prefix, each
-# eager and compiled, with a profiled step) and the generation benchmark, then — if time is left — partial
+# defaults vs the project's path, within the issue's memory bound and at 4 x 4 with the shared prefix, with a
+# profiled step), the generation benchmark, the training benchmark compiled, then — if time is left — partial
 # checkpointing at 16 samples per micro-batch, the six stages and a ZeRO-3 launch on a small random-weight
 # model, the 24 GB profile's peak memory (4-bit) and the Llama-3-8B shape.
 # Its output is what the README's performance tables quote.
@@ -96,17 +96,20 @@ SAMPLES=${GPU_CHECK_SAMPLES:-256}
 step train_qwen2-7b 200 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 4 --accum 4 \
   --steps 3 --warmup 1 --rounds 1 --profile --configs "baseline;project:max_memory_gib=23.7;project;\
 project:cudnn_attention=true;project:merge_micro_batches=off,shared_prefix=on"
-# torch_compile: fewer, generated kernels and one autograd node per compiled module, against the launch-bound
-# steps above. First with a 36 GiB budget, where `auto` picks the lowest activation memory budget (the backward
-# recomputes the MLP's products; estimated 33.2 GiB, counted ~27: the estimate ran ~25 % high before), no layer
-# checkpointed; then at 4 x 4 with the shared prefix (within the bound), on the card's budget, and within
-# 23.7 GiB — most telling first, as the budget may cut the step. Three warm-up steps: the first two shapes
-# compile (the second makes the sequence length dynamic).
-step train_qwen2-7b_compile 200 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 4 --accum 4 \
-  --steps 3 --warmup 3 --rounds 1 --profile --configs "project:torch_compile=true,max_memory_gib=36;\
-project:torch_compile=true,merge_micro_batches=off,shared_prefix=on;project:torch_compile=true;\
-project:torch_compile=true,max_memory_gib=23.7"
+# Generation: notebook 05's batched path (sdpa off cuDNN's kernels on a GPU) and the same with torch's own choice,
+# against plain one-at-a-time `generate`.
 step generate_qwen2-7b 60 python3 -m ironman_nb.bench generate --model $M7 --tokenizer $TOK --prompts 8 --new-tokens 64 --batch 8
+# torch_compile: fewer, generated kernels and one autograd node per compiled module, against the launch-bound
+# steps above. First within 23.7 GiB (the issue's bound: the compiler's default budget and checkpointed layers),
+# then with a 36 GiB budget, where `auto` picks the lowest activation memory budget (the backward recomputes the
+# MLP's products; estimated 33.2 GiB, counted ~27: the estimate ran ~25 % high before), no layer checkpointed;
+# then on the card's budget and at 4 x 4 with the shared prefix (within the bound) — most telling first, as the
+# budget may cut the step. Three warm-up steps: the first two shapes compile (the second makes the sequence
+# length dynamic).
+step train_qwen2-7b_compile 200 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 4 --accum 4 \
+  --steps 3 --warmup 3 --rounds 1 --profile --configs "project:torch_compile=true,max_memory_gib=23.7;\
+project:torch_compile=true,max_memory_gib=36;project:torch_compile=true;\
+project:torch_compile=true,merge_micro_batches=off,shared_prefix=on"
 # Partial checkpointing without the shared prefix: 16 samples in one micro-batch of whole padded rows; `auto`
 # checkpoints the fewest layers that fit (estimated: 5 of 28 at the longest batch), against every layer.
 step train_qwen2-7b_batch16 150 python3 -m ironman_nb.bench train --model $M7 --tokenizer $TOK --batch 16 --accum 1 \
