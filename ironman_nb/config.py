@@ -343,6 +343,7 @@ class CompareConfig(StageConfig):
     max_new_tokens: int = 256
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     batch_size: int = 8
+    cudnn_attention: bool = False
     max_prompts: int = 0
     max_eval_samples: int = 0
 

@@ -151,10 +151,10 @@ def test_vllm_path_uses_the_chat_template_greedy_and_the_stop_tokens(monkeypatch
         tokenize=False, add_generation_prompt=True)
 
 
-@pytest.mark.parametrize("device", ["cuda", "cpu"])
-def test_generation_and_nll_keep_sdpa_off_cudnn_on_a_gpu(monkeypatch, device):
+@pytest.mark.parametrize("device, cudnn_attention", [("cuda", False), ("cuda", True), ("cpu", False)])
+def test_generation_and_nll_keep_sdpa_off_cudnn_on_a_gpu(monkeypatch, device, cudnn_attention):
     """On a GPU both sides of the comparison generate and score with cuDNN's attention kernels off (their CPU cost
-    per call, as in training); on a CPU the backends are left alone."""
+    per call, as in training) unless `cudnn_attention`; on a CPU the backends are left alone."""
     import torch
 
     import ironman_nb.compare as compare_module
@@ -171,5 +171,6 @@ def test_generation_and_nll_keep_sdpa_off_cudnn_on_a_gpu(monkeypatch, device):
     monkeypatch.setattr(compare_module, "assistant_nll", cudnn_allowed)
     monkeypatch.setattr(compare_module, "vllm_available", lambda device: False)
     before = torch.backends.cuda.cudnn_sdp_enabled()
-    compare_module._side("base", ["prompt"], [{"messages": []}], CompareConfig(), device, "bf16")
-    assert seen == [device != "cuda"] * 2 and torch.backends.cuda.cudnn_sdp_enabled() == before
+    compare_module._side("base", ["prompt"], [{"messages": []}], CompareConfig(cudnn_attention=cudnn_attention),
+                         device, "bf16")
+    assert seen == [device != "cuda" or cudnn_attention] * 2 and torch.backends.cuda.cudnn_sdp_enabled() == before
