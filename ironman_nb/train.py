@@ -481,6 +481,9 @@ class SharedPrefixCollator:
     instead of once per sample. It stops before the first labelled token, so no loss term changes. `max_prefix`
     (the training set's common prefix) keeps it the same for every batch, so that micro-batches of one step can
     share one prefix pass even where a batch's samples happen to share a few more tokens.
+
+    `answer_index`: the positions (row · width + column) whose next token is an answer token, found here on the
+    CPU — on a GPU, finding them in the model's inputs (a boolean mask's nonzero) would wait for the forward.
     """
 
     pad_token_id: int
@@ -504,6 +507,10 @@ class SharedPrefixCollator:
             "attention_mask": torch.tensor([[1] * (len(x) - prefix) + [0] * (width - len(x) + prefix) for x in ids]),
             "labels": torch.tensor([x[prefix:] + [-100] * (width - len(x) + prefix) for x in labels]),
         }
+        # Position t predicts token t + 1: the positions before a kept label.
+        batch["answer_index"] = torch.tensor([row * width + t for row, y in enumerate(labels)
+                                              for t in range(len(y) - prefix - 1) if y[prefix + t + 1] != -100],
+                                             dtype=torch.long)
         if prefix:
             batch["prefix_ids"] = torch.tensor(ids[0][:prefix])
         return batch
@@ -591,9 +598,9 @@ def prefix_cache_under_checkpointing(decoder_layers: list, run_prefix: bool):
 
 
 @contextlib.contextmanager
-def answer_rows_only(model, rows):
-    """Within this block the model's LM head runs only on the hidden states where `rows` (batch × positions,
-    bool) is True: logits (rows, vocabulary) for the answer tokens and nothing else.
+def answer_rows_only(model, index, shape):
+    """Within this block the model's LM head runs only on the hidden states at `index` (flat positions in a
+    `shape` = batch × positions input): logits (rows, vocabulary) for the answer tokens and nothing else.
 
     transformers' `logits_to_keep` takes one list of positions for the whole batch, so it would keep each position
     that is an answer in *some* row: the other rows' prompt and padding there too (15-20 % more rows for 4
@@ -606,8 +613,8 @@ def answer_rows_only(model, rows):
 
     def select(module, args):
         hidden = args[0]
-        if hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(rows.shape):
-            return (hidden[rows], *args[1:])
+        if hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(shape):
+            return (hidden.flatten(0, 1).index_select(0, index), *args[1:])
         return None
 
     handle = head.register_forward_pre_hook(select)
@@ -638,13 +645,28 @@ def drop_fp32_output_cast(model) -> bool:
     return True
 
 
+class RealTokenCount:
+    """A trainer mix-in counting the real (unpadded) tokens trained on, shared prefix included, without a GPU sync
+    per micro-batch: the count stays a tensor on the device until `real_tokens_seen` is read."""
+
+    _real_tokens = 0
+
+    def count_real_tokens(self, inputs, extra: int = 0) -> None:
+        mask = inputs.get("attention_mask")
+        self._real_tokens = self._real_tokens + (mask.sum() if mask is not None else inputs["input_ids"].numel()) + extra
+
+    @property
+    def real_tokens_seen(self) -> int:
+        return int(self._real_tokens)
+
+
 def _sft_trainer_class():
     import torch
     from trl import SFTTrainer
 
     from .loss import summed_cross_entropy
 
-    class PersonaSFTTrainer(SFTTrainer):
+    class PersonaSFTTrainer(RealTokenCount, SFTTrainer):
         """SFTTrainer with a loss that does only the work a persona run needs.
 
         - Logits only where labels are kept: TRL's loss also computes entropy and top-1 accuracy over the full
@@ -661,7 +683,6 @@ def _sft_trainer_class():
             super().__init__(*args, **kwargs)
             self.avoid_cudnn_attention = avoid_cudnn_attention
             self.model_accepts_loss_kwargs = True  # so Trainer counts num_items_in_batch for us
-            self.real_tokens_seen = 0
             self.token_metrics = token_metrics
             self.prefix_passes = 0  # forward passes of the shared prefix while training
             self._held_prefix: _HeldPrefix | None = None
@@ -694,8 +715,10 @@ def _sft_trainer_class():
             prefix = inputs.pop("prefix_ids", None)
             # Position t predicts token t + 1; the last position predicts nothing.
             targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-            answers = targets != -100
-            head_rows = answer_rows_only(inner, answers)
+            index = inputs.pop("answer_index", None)  # SharedPrefixCollator's, found without a GPU sync
+            if index is None:
+                index = (targets != -100).flatten().nonzero().squeeze(1)
+            head_rows = answer_rows_only(inner, index, targets.shape)
             if prefix is None:
                 # Packed rows (position_ids, no mask) attend within each sample only without a KV cache.
                 with head_rows:
@@ -717,8 +740,8 @@ def _sft_trainer_class():
                                     use_cache=True)
             logits = outputs.logits
             if logits.dim() == 3:  # a model that called its head in another shape than answer_rows_only expects
-                logits = logits[answers]
-            answer_targets = targets[answers]
+                logits = logits.flatten(0, 1).index_select(0, index)
+            answer_targets = targets.flatten().index_select(0, index)
             loss_sum = summed_cross_entropy(logits, answer_targets)
             if self.token_metrics:
                 self._log_token_metrics(logits.detach().float(), answer_targets, "train" if model.training else "eval")
@@ -727,9 +750,7 @@ def _sft_trainer_class():
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
             if model.training:
-                mask = inputs.get("attention_mask")
-                real = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-                self.real_tokens_seen += real + prefix_tokens * labels.shape[0]
+                self.count_real_tokens(inputs, prefix_tokens * labels.shape[0])
             return (loss, outputs) if return_outputs else loss
 
         def _prefix_pass(self, model, prefix):

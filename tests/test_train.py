@@ -318,6 +318,8 @@ def test_fused_lora_forward_keeps_fewer_activations_for_the_backward():
 
 
 def test_shared_prefix_stops_before_the_first_answer_token(tokenizer):
+    import torch
+
     from ironman_nb.train import SharedPrefixCollator
 
     rows = [{"input_ids": [5, 6, 7, 8, 9, 10], "labels": [-100, -100, -100, -100, 9, 10]},
@@ -326,7 +328,12 @@ def test_shared_prefix_stops_before_the_first_answer_token(tokenizer):
     assert batch["prefix_ids"].tolist() == [5, 6, 7]  # token 8 predicts the first answer token, so it stays
     assert batch["input_ids"].tolist() == [[8, 9, 10], [8, 11, 0]]
     assert batch["labels"].tolist() == [[-100, 9, 10], [-100, 11, -100]]
-    assert "prefix_ids" not in SharedPrefixCollator(pad_token_id=0)(rows)  # shorter than min_prefix
+    # The positions whose next token is an answer token (row · width + column), found without the model's inputs.
+    assert batch["answer_index"].tolist() == [0, 1, 3]
+    unshared = SharedPrefixCollator(pad_token_id=0)(rows)
+    assert "prefix_ids" not in unshared  # shorter than min_prefix
+    targets = torch.nn.functional.pad(unshared["labels"][:, 1:], (0, 1), value=-100)
+    assert unshared["answer_index"].tolist() == (targets != -100).flatten().nonzero().squeeze(1).tolist() == [3, 4, 9]
 
 
 def test_packed_samples_stay_isolated(tmp_path, tiny_model_dir):
