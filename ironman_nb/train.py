@@ -473,6 +473,18 @@ def common_prefix_length(sequences: list[list[int]]) -> int:
     return length
 
 
+def next_token_targets(labels):
+    """(batch, positions): position t's target is token t + 1's label; the last position predicts nothing."""
+    import torch
+
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+
+
+def answer_positions(targets):
+    """The flat positions (row · width + column) of `targets` (next_token_targets) that are answer tokens."""
+    return (targets != -100).flatten().nonzero().squeeze(1)
+
+
 @dataclasses.dataclass
 class SharedPrefixCollator:
     """Pad a batch of samples, splitting off the tokens every sample starts with (the persona system turn).
@@ -507,10 +519,7 @@ class SharedPrefixCollator:
             "attention_mask": torch.tensor([[1] * (len(x) - prefix) + [0] * (width - len(x) + prefix) for x in ids]),
             "labels": torch.tensor([x[prefix:] + [-100] * (width - len(x) + prefix) for x in labels]),
         }
-        # Position t predicts token t + 1: the positions before a kept label.
-        batch["answer_index"] = torch.tensor([row * width + t for row, y in enumerate(labels)
-                                              for t in range(len(y) - prefix - 1) if y[prefix + t + 1] != -100],
-                                             dtype=torch.long)
+        batch["answer_index"] = answer_positions(next_token_targets(batch["labels"]))
         if prefix:
             batch["prefix_ids"] = torch.tensor(ids[0][:prefix])
         return batch
@@ -713,11 +722,10 @@ def _sft_trainer_class():
             drop_fp32_output_cast(inner)  # once accelerate has wrapped the model; a no-op after that
             labels = inputs.pop("labels")
             prefix = inputs.pop("prefix_ids", None)
-            # Position t predicts token t + 1; the last position predicts nothing.
-            targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+            targets = next_token_targets(labels)
             index = inputs.pop("answer_index", None)  # SharedPrefixCollator's, found without a GPU sync
             if index is None:
-                index = (targets != -100).flatten().nonzero().squeeze(1)
+                index = answer_positions(targets)
             head_rows = answer_rows_only(inner, index, targets.shape)
             if prefix is None:
                 # Packed rows (position_ids, no mask) attend within each sample only without a KV cache.
