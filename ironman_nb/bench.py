@@ -444,7 +444,7 @@ def bench_generate(model_name: str = EMBEDDED_MODEL, prompts: int = 8, new_token
         kinds.append(("batched_cudnn", batch, True, False))
     for kind, size, share, avoid_cudnn in kinds * 2:
         start = time.perf_counter()
-        with sdpa_without_cudnn() if avoid_cudnn else contextlib.nullcontext():
+        with sdpa_without_cudnn(avoid_cudnn):
             outputs[kind] = generate_answers(model, tokenizer, texts, DEFAULT_SYSTEM_PROMPT, new_tokens, size,
                                              share_prefix=share)
         timings.setdefault(kind, []).append(time.perf_counter() - start)

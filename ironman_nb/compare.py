@@ -6,7 +6,6 @@ held-out `eval.jsonl`, with a paired bootstrap confidence interval on the differ
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import html
 import io
@@ -271,7 +270,7 @@ def _side(model_name: str, prompts: list[str], eval_records: list[dict], cfg: Co
     model = load_model(model_name, precision, device)
     model.eval()
     # As in training (models.sdpa_without_cudnn): each decoding step calls attention once per layer.
-    with sdpa_without_cudnn() if device == "cuda" and not cfg.cudnn_attention else contextlib.nullcontext():
+    with sdpa_without_cudnn(device == "cuda" and not cfg.cudnn_attention):
         if not use_vllm:
             answers = generate_answers(model, tokenizer, prompts, cfg.system_prompt, cfg.max_new_tokens, cfg.batch_size)
         nll = assistant_nll(model, tokenizer, eval_records) if eval_records else []

@@ -829,7 +829,7 @@ def _sft_trainer_class():
         def train(self, *args, **kwargs):
             # Around the whole loop: checkpointed layers recompute their forward in the backward, with the
             # kernels the forward used.
-            with sdpa_without_cudnn() if self.avoid_cudnn_attention else contextlib.nullcontext():
+            with sdpa_without_cudnn(self.avoid_cudnn_attention):
                 return super().train(*args, **kwargs)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
