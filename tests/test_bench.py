@@ -108,8 +108,11 @@ def test_gpu_profile_summary_also_ranks_the_cpu_time(capsys):
 
     from ironman_nb.bench import summarise_profile
 
+    # The operands exist before profiling so that the only operator of any weight is the matmul (filling them
+    # inside the profile once took longer than a small matmul on a busy machine).
+    left, right = torch.ones(512, 512), torch.ones(512, 512)
     with profile() as profiler:
-        torch.ones(256, 256) @ torch.ones(256, 256)
+        left @ right
     summary = summarise_profile(profiler, 1.0, "cuda")
     assert summary["kernel_s"] == 0 and summary["top_cpu_ms"][0][0] == "aten::mm"
     assert capsys.readouterr().err.count("Self CPU time total") == 2
