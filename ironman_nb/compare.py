@@ -15,7 +15,8 @@ from pathlib import Path
 from .config import CompareConfig
 from .data import prompt_messages, tokenize_conversation
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
-from .models import load_model, load_tokenizer, resolve_device, resolve_precision, sdpa_without_cudnn, stop_token_ids
+from .models import (few_row_linear, load_model, load_tokenizer, resolve_device, resolve_precision, sdpa_without_cudnn,
+                     stop_token_ids)
 
 # Answers that call themselves an AI / language model (the persona breaking), in Korean and English.
 PERSONA_BREAK = re.compile(
@@ -104,7 +105,7 @@ def generate_answers(model, tokenizer, prompts: list[str], system_prompt: str, m
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(len(rows))
             inputs["cache"] = cache
-        with torch.no_grad():
+        with torch.no_grad(), few_row_linear(model):
             out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
                                  pad_token_id=pad, temperature=None, top_p=None, top_k=None)
         for row in out[:, width:].tolist():

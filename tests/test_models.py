@@ -145,3 +145,45 @@ def test_grouped_matmul_attention_matches_sdpa(tiny_model_dir, tokenizer, precis
             outputs = [m.generate(**prompts, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
                        for m in models.values()]
             assert torch.equal(*outputs)
+
+
+def test_few_row_linear_computes_weight_times_input_for_decoding_rows_only():
+    """Inside the context a linear layer gives F.linear's output for any row count, computing W·xᵀ for 2–64 rows
+    (a decoding step) and x·Wᵀ otherwise; a module with its own forward is left alone; on leaving, every layer
+    has its class's forward again."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ironman_nb.models import few_row_linear
+
+    class WeightAsFirstOperand(TorchDispatchMode):
+        """Records, per matrix product, whether the weight (by storage) was its first operand."""
+
+        def __init__(self, weight):
+            super().__init__()
+            self.weight, self.first = weight, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                first = args[1] if func is torch.ops.aten.addmm.default else args[0]
+                self.first.append(first.untyped_storage().data_ptr() == self.weight.untyped_storage().data_ptr())
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Linear(24, 8, bias=False), torch.nn.Linear(8, 4))
+    own_forward = model[2].forward = lambda x: x[..., :4]  # as accelerate's hooks replace a module's forward
+    with few_row_linear(model):
+        for shape in [(1, 1, 16), (8, 16), (2, 4, 16), (65, 16), (3, 40, 16)]:
+            x = torch.randn(shape)
+            with WeightAsFirstOperand(model[0].weight) as seen:
+                hidden = model[0](x)
+            assert seen.first == [2 <= x.numel() // 16 <= 64], shape
+            assert torch.allclose(hidden, F.linear(x, model[0].weight, model[0].bias), atol=1e-6), shape
+            assert torch.allclose(model[1](hidden), F.linear(hidden, model[1].weight), atol=1e-6), shape
+        assert model[2].forward is own_forward
+    assert "forward" not in model[0].__dict__ and "forward" not in model[1].__dict__
+    assert model[2].forward is own_forward
+    with WeightAsFirstOperand(model[0].weight) as seen:
+        model[0](torch.randn(8, 16))
+    assert seen.first == [False]
