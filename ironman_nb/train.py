@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -315,9 +316,10 @@ def _fused_lora_forward(self, x, *args, **kwargs):
 
     PEFT casts the layer's whole input to the adapter's dtype (fp32 beside a bf16 base: a copy there and, under
     autocast, one back), then scales the adapter's output and adds it in two more passes. Here the small adapter
-    weights are cast instead, and one `addmm` adds the scaled low-rank product into the base output. Anything
-    else (adapters off or merged, several adapters, DoRA and other variants, a LoRA bias, per-sample adapter
-    names) goes to PEFT's own forward.
+    weights are cast instead, and one `addmm` adds the scaled low-rank product into the base output. Where the
+    base, the adapter and the input share one dtype outside autocast (fp32 on a CPU), the whole layer is one
+    autograd node (_lora_linear_function). Anything else (adapters off or merged, several adapters, DoRA and
+    other variants, a LoRA bias, per-sample adapter names) goes to PEFT's own forward.
     """
     import torch
     import torch.nn.functional as F
@@ -327,12 +329,59 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     if (args or kwargs or self.disable_adapters or self.merged or adapter not in self.lora_A
             or adapter in self.lora_variant or self.lora_B[adapter].bias is not None):
         return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
-    down = F.linear(self.lora_dropout[adapter](x), self.lora_A[adapter].weight.to(x.dtype))
-    up = self.lora_B[adapter].weight.to(x.dtype)
-    fused = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), up.t(),
-                        alpha=self.scaling[adapter])
+    base, dropout = self.base_layer, self.lora_dropout[adapter]
+    lora_a, lora_b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+    if (type(base) is torch.nn.Linear and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+            and (isinstance(dropout, torch.nn.Identity) or not dropout.training)
+            and x.dtype == base.weight.dtype == lora_a.dtype == lora_b.dtype
+            and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()
+            and not base._forward_hooks and not base._forward_pre_hooks):
+        out = _lora_linear_function().apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, lora_a, lora_b,
+                                            self.scaling[adapter])
+        return out.view(*x.shape[:-1], out.shape[-1])
+    result = base(x)
+    down = F.linear(dropout(x), lora_a.to(x.dtype))
+    fused = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]),
+                        lora_b.to(x.dtype).t(), alpha=self.scaling[adapter])
     return fused.view(result.shape)
+
+
+@functools.cache
+def _lora_linear_function():
+    """y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ for 2-D x as one autograd node (W, b frozen).
+
+    Autograd, given the same products one by one, computes the input's gradient in two parts and adds them in an
+    extra pass over it, and allocates the sum of base and adapter outputs anew; here the adapter's part is added
+    in place (addmm_). The low-rank products run in the layouts MKL ran fastest at ~1,000 rows (A·xᵀ rather
+    than x·Aᵀ: 0.14 vs 0.51 ms for the gradient of A of a 576 × 576 layer). Measured on a 2-core AMD Zen 3 CPU in
+    fp32, the seven LoRA layers of one SmolLM2 decoder layer, forward and backward at 980 rows: 90–92 ms against
+    100–106 (without LoRA: 80–81)."""
+    import torch
+
+    class LoRALinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+            down = torch.mm(lora_a, x.t()).t()
+            out = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+            out.addmm_(down, lora_b.t(), alpha=scaling)
+            ctx.save_for_backward(x, weight, lora_a, lora_b, down)
+            ctx.scaling = scaling
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, weight, lora_a, lora_b, down = ctx.saved_tensors
+            grad_down = torch.mm(lora_b.t() * ctx.scaling, grad.t()).t()
+            grad_b = torch.mm((down * ctx.scaling).t(), grad).t().contiguous()
+            grad_a = torch.mm(grad_down.t(), x)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.mm(grad, weight)
+                grad_x.addmm_(grad_down, lora_a)
+            return grad_x, None, None, grad_a, grad_b, None
+
+    return LoRALinear
 
 
 def fuse_lora_forwards(model) -> int:

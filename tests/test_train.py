@@ -212,6 +212,11 @@ def _unfuse(model):
             del module.forward  # back to PEFT's class forward
 
 
+def _producing_node(output) -> str:
+    """The autograd node behind a LoRA layer's output (below the reshape back to the input's shape)."""
+    return type(output.grad_fn.next_functions[0][0]).__name__
+
+
 def test_fused_lora_forward_gives_pefts_loss_and_gradients(tmp_path, tiny_model_dir):
     import torch
 
@@ -224,6 +229,9 @@ def test_fused_lora_forward_gives_pefts_loss_and_gradients(tmp_path, tiny_model_
         if "lora_B" in name:  # B starts at zero; give the adapter something to add
             torch.nn.init.normal_(param, std=0.02)
     fused_loss, fused_grads = _loss_and_lora_grads(trainer, batch)
+    # fp32 outside autocast: each LoRA layer is one autograd node (forward and backward of base and adapter).
+    q_proj = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert _producing_node(q_proj(torch.randn(2, 3, q_proj.in_features))) == "LoRALinearBackward"
     _unfuse(trainer.model)
     peft_loss, peft_grads = _loss_and_lora_grads(trainer, batch)
     assert fused_loss == pytest.approx(peft_loss, rel=1e-6)
@@ -260,6 +268,9 @@ def test_fused_lora_forward_under_bf16_autocast_and_fallbacks(tiny_model_dir):
     peft_logits, peft_grads = run()
     assert fuse_lora_forwards(model) == 14  # 2 layers x q, k, v, o, gate, up, down
     fused_logits, fused_grads = run()
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast: the base's product, then one addmm
+        assert _producing_node(q_proj(torch.randn(2, 3, q_proj.in_features))) == "AddmmBackward0"
     assert torch.allclose(fused_logits, peft_logits, atol=0.05, rtol=0.02)
     for name in peft_grads:
         assert fused_grads[name].dtype == torch.float32
