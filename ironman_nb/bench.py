@@ -1,4 +1,4 @@
-"""Speed benchmarks, measured side by side in one command (on a GPU each training run in its own process).
+"""Speed benchmarks, measured side by side in one command (each training run in its own process).
 
     python -m ironman_nb.bench train    [--model embedded|qwen2-7b|llama3-8b|PATH] [--steps 2] [--batch 4]
                                         [--accum 4] [--rounds 2] [--configs ...]
@@ -221,16 +221,18 @@ class BenchArgs:
     configs: tuple[str, ...] = ("baseline", "project")
     quantization: str = "none"
     scratch: str = ""
-    # Each run in a fresh Python process: "auto" does so on a GPU, where runs in one process disturbed each
-    # other (a later TRL-defaults run showed the previous run's peak memory and ran 20 % faster).
-    isolate: str = "auto"
+    # Each run in a fresh Python process ("on"), so no run inherits another's state: on a GPU, runs in one
+    # process disturbed each other (a later TRL-defaults run showed the previous run's peak memory and ran 20 %
+    # faster); on a CPU, the project path leaves glibc keeping freed memory for the rest of its process
+    # (models.keep_freed_memory), which a TRL-defaults run after it would otherwise inherit.
+    isolate: str = "on"
     # One more optimizer step after the timed ones under torch.profiler: the run's line gets a "profile"
     # summary (device busy share, kernel launches, top operators); the full table goes to stderr.
     profile: bool = False
 
     def __post_init__(self):
-        if self.isolate not in ("auto", "on", "off"):
-            raise ValueError(f"BenchArgs.isolate: 'auto', 'on' or 'off' (got {self.isolate!r})")
+        if self.isolate not in ("on", "off"):
+            raise ValueError(f"BenchArgs.isolate: 'on' or 'off' (got {self.isolate!r})")
         for name in self.configs:
             parse_config(name)  # fails early on a misspelt kind, or a project field or value
 
@@ -376,7 +378,7 @@ def bench_train(args: BenchArgs, emit=print) -> dict:
 
     device = resolve_device()
     precision = resolve_precision("auto", device)
-    isolate = args.isolate == "on" or (args.isolate == "auto" and device == "cuda")
+    isolate = args.isolate == "on"
     records = bench_records(args.batch * args.accum * (args.warmup + args.steps + args.profile))
     runs: dict[str, list] = {name: [] for name in args.configs}
     with tempfile.TemporaryDirectory(dir=args.scratch or None) as scratch:
@@ -498,8 +500,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="runs per round, ';'-separated: baseline, project, or either with :field=value,… (ablations)")
     train_p.add_argument("--quantization", default="none", choices=("none", "4bit"))
     train_p.add_argument("--scratch", default="", help="folder for a 4-bit random shape's weights (default: temp)")
-    train_p.add_argument("--isolate", default="auto", choices=("auto", "on", "off"),
-                         help="each run in a fresh process (auto: on a GPU)")
+    train_p.add_argument("--isolate", default="on", choices=("on", "off"),
+                         help="each run in a fresh process (default), or all in this one")
     train_p.add_argument("--profile", action="store_true",
                          help="profile one extra step per run: device busy share, kernel launches, top operators")
     gen_p = sub.add_parser("generate", help="batched generation vs one prompt at a time")

@@ -300,6 +300,60 @@ def few_row_linear(model):
     return layout()
 
 
+# glibc's mallopt parameters (malloc.h) and the largest value its int argument takes.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MALLOPT_MAX = 2**31 - 1
+
+
+def _glibc():
+    """glibc as a ctypes library, or None (another C library, another OS)."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    return libc
+
+
+def keep_freed_memory(active: bool = True):
+    """With `active`, a context in which glibc keeps freed memory for the next allocation instead of handing it
+    back to the system; on leaving, the free memory goes back (malloc_trim).
+
+    A CPU training step allocates and frees the same activation-sized blocks (0.1–10 MB) thousands of times.
+    By default glibc serves such blocks with fresh mmap()s (or trims them off its heap) and returns them on
+    free, so every allocation page-faults and zeroes its pages again: ~1.1 million minor page faults over two
+    4 × 4 steps of the embedded model, with the faults of a run halved and the step ~6 % faster here (373 vs
+    395 tokens/s, 2-core AMD CPU, fp32). The thresholds stay raised for the rest of the process (glibc cannot
+    restore its adaptive defaults); peak memory is unchanged, as the blocks are reused, not added.
+
+    Changes nothing off glibc, or where the environment sets these thresholds itself (MALLOC_MMAP_THRESHOLD_,
+    MALLOC_TRIM_THRESHOLD_ or glibc.malloc tunables in GLIBC_TUNABLES) — which is also how to turn it off."""
+    import contextlib
+
+    libc = _glibc() if active else None
+    if (libc is None or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
+            or any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))):
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def kept():
+        libc.mallopt(_M_MMAP_THRESHOLD, _MALLOPT_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, _MALLOPT_MAX)
+        try:
+            yield
+        finally:
+            libc.malloc_trim(0)
+
+    return kept()
+
+
 def register_grouped_matmul_attention() -> None:
     """Make `attn_implementation="grouped_matmul"` known to transformers (idempotent)."""
     from transformers import AttentionInterface

@@ -29,6 +29,7 @@ from .models import (
     attention_implementation,
     end_of_turn_token,
     hub_id,
+    keep_freed_memory,
     load_model,
     load_tokenizer,
     resolve_device,
@@ -738,9 +739,11 @@ def _sft_trainer_class():
 
         loss_is_scaled_for_ga = True  # the loss below is divided by the tokens of the whole accumulated batch
 
-        def __init__(self, *args, token_metrics: bool = False, avoid_cudnn_attention: bool = False, **kwargs):
+        def __init__(self, *args, token_metrics: bool = False, avoid_cudnn_attention: bool = False,
+                     keep_freed_host_memory: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
             self.avoid_cudnn_attention = avoid_cudnn_attention
+            self.keep_freed_host_memory = keep_freed_host_memory
             self.model_accepts_loss_kwargs = True  # so Trainer counts num_items_in_batch for us
             self.token_metrics = token_metrics
             self.prefix_passes = 0  # forward passes of the shared prefix while training
@@ -879,7 +882,7 @@ def _sft_trainer_class():
         def train(self, *args, **kwargs):
             # Around the whole loop: checkpointed layers recompute their forward in the backward, with the
             # kernels the forward used.
-            with sdpa_without_cudnn(self.avoid_cudnn_attention):
+            with sdpa_without_cudnn(self.avoid_cudnn_attention), keep_freed_memory(self.keep_freed_host_memory):
                 return super().train(*args, **kwargs)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -1126,6 +1129,8 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
         data_collator=collator,
         token_metrics=cfg.token_metrics,
         avoid_cudnn_attention=fast.avoids_cudnn_attention,
+        # A CPU step's activations live in host memory, allocated and freed thousands of times per step.
+        keep_freed_host_memory=device == "cpu",
         callbacks=[stop_on_nonfinite, _progress_log_callback(), on_terminate] + partial + list(extra_callbacks),
     )
     # DeepSpeed ZeRO-3 and FSDP hand out parameters through module calls; the fused forward reads them directly.

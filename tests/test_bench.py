@@ -51,7 +51,8 @@ def test_train_benchmark_runs_ablations_and_a_4bit_random_shape(monkeypatch, tmp
     lines = []
     configs = ("project", "project:gradient_checkpointing=off", "baseline:gradient_checkpointing=false")
     summary = bench_train(BenchArgs(model="tiny", steps=1, warmup=1, batch=2, accum=1, rounds=1, max_length=512,
-                                    configs=configs, quantization="4bit", scratch=str(tmp_path)), emit=lines.append)
+                                    configs=configs, quantization="4bit", scratch=str(tmp_path), isolate="off"),
+                          emit=lines.append)
     runs = [json.loads(line) for line in lines[:-1]]
     assert [r["config"] for r in runs] == list(configs)
     # The 4-bit profile checkpoints (on a CPU with the shared prefix); the overrides turn that off, in either path.

@@ -1,3 +1,6 @@
+import os
+import sys
+
 import pytest
 
 from ironman_nb.config import EMBEDDED_MODEL
@@ -187,3 +190,44 @@ def test_few_row_linear_computes_weight_times_input_for_decoding_rows_only():
     with WeightAsFirstOperand(model[0].weight) as seen:
         model[0](torch.randn(8, 16))
     assert seen.first == [False]
+
+
+KEEP_FREED_PROBE = """
+import resource, sys, torch
+from ironman_nb.models import keep_freed_memory
+
+def faults_of_a_fresh_block():
+    torch.ones(16 * 2**20).sum()  # 64 MB: above glibc's largest adaptive mmap threshold (32 MB)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 2**20).sum()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+outside = faults_of_a_fresh_block()
+with keep_freed_memory():
+    inside = faults_of_a_fresh_block()
+print(outside, inside)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
+@pytest.mark.parametrize("environment", [{}, {"MALLOC_MMAP_THRESHOLD_": "131072"}])
+def test_keep_freed_memory_reuses_freed_blocks_unless_the_environment_sets_malloc(environment):
+    """A 64 MB block freed and allocated again page-faults on every 4 KiB page by default (glibc maps it afresh);
+    inside the context the freed block is reused without faulting. Where the environment sets glibc's malloc
+    parameters, the context leaves them be. Each case in its own process: the setting lasts for the process."""
+    import subprocess
+
+    env = {**os.environ, **environment}
+    env.pop("GLIBC_TUNABLES", None)
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        if name not in environment:
+            env.pop(name, None)
+    result = subprocess.run([sys.executable, "-c", KEEP_FREED_PROBE], env=env, capture_output=True, text=True,
+                            check=True)
+    outside, inside = map(int, result.stdout.split())
+    pages = 64 * 2**20 // 4096
+    assert outside > pages // 2
+    if environment:
+        assert inside > pages // 2
+    else:
+        assert inside < pages // 20

@@ -555,6 +555,35 @@ def test_training_on_cuda_keeps_sdpa_off_cudnn_unless_asked(tmp_path, tiny_model
     assert seen == [before, (False, True, True, True)] and flags() == before and before[0]
 
 
+def test_training_on_a_cpu_keeps_freed_host_memory_for_reuse(tmp_path, tiny_model_dir, monkeypatch):
+    """A CPU run's whole training loop runs inside models.keep_freed_memory (its activations are host memory,
+    allocated and freed thousands of times a step); a GPU run's does not."""
+    import contextlib
+
+    from transformers import Trainer
+
+    import ironman_nb.train as train_module
+
+    states, inside = [], []
+
+    @contextlib.contextmanager
+    def recorded(active=True):
+        states.append(active)
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(train_module, "keep_freed_memory", recorded)
+    monkeypatch.setattr(Trainer, "train", lambda self, *a, **k: states.append(("inside", list(inside))))
+    trainer = build_trainer(tiny_cfg(tmp_path, tiny_model_dir)).trainer
+    trainer.train()
+    trainer.keep_freed_host_memory = False  # as a CUDA run sets it
+    trainer.train()
+    assert states == [True, ("inside", [True]), False, ("inside", [True])]
+
+
 def test_torch_compile_leaves_liger_off_and_refuses_what_it_cannot_compile():
     """Compiling fuses the norms and MLP that Liger would replace: `auto` leaves Liger off, `on` is refused; so are
     the runs whose layers are not plain modules (ZeRO-3's gathered weights, bitsandbytes' 4-bit layers)."""
