@@ -331,8 +331,8 @@ def keep_freed_memory(active: bool = True):
     on free, so every allocation page-faults and zeroes its pages again. On a 2-core AMD CPU in fp32, a bench
     run of the embedded model (loading, a warm-up and two 4 × 4 steps) page-faulted 0.98 instead of 2.13
     million times here, and the project path ran 3–6 % faster (378 vs 368 tokens/s, medians of three
-    alternated runs). The thresholds stay raised for the rest of the process (glibc cannot
-    restore its adaptive defaults); peak memory is unchanged, as the blocks are reused, not added.
+    alternated runs). The thresholds stay raised for the rest of the process (glibc cannot restore its
+    adaptive defaults); peak memory is unchanged, as the blocks are reused, not added.
 
     Changes nothing off glibc, or where the environment sets these thresholds itself (MALLOC_MMAP_THRESHOLD_,
     MALLOC_TRIM_THRESHOLD_ or glibc.malloc tunables in GLIBC_TUNABLES) — which is also how to turn it off."""
