@@ -239,7 +239,7 @@ def sdpa_without_cudnn(active: bool = True):
     """With `active` (else a context that changes nothing), a context in which `scaled_dot_product_attention` picks among its flash, memory-efficient and math kernels,
     not cuDNN's — torch's first pick on an H100, where each of its calls took 1.2–2.9 ms of CPU time (profiled
     LoRA steps of a 7B shape: every configuration, forward and backward) against 40–300 µs on the GPU. A LoRA
-    step of a 7B model on one GPU waits on the CPU (README, Speed), so there the CPU time is the step's time.
+    step of a 7B model on one GPU waits on the CPU (scripts/perf/README.md), so there the CPU time is the step's time.
 
     The backend flags are global, so the backward — and the recompute of checkpointed layers, which must save
     what the first forward saved — runs under them too when the whole training loop is inside."""

@@ -144,7 +144,7 @@ def memory_budget(cfg: TrainConfig, device: str, device_memory: int | None = Non
 
 
 # On a GPU the shared prefix pays off from this many samples per micro-batch: on an H100 (Qwen2-7B shape, 4 x 4
-# samples per step) it ran slower than padded rows, at 16 x 1 2.6x faster (README, Speed).
+# samples per step) it ran slower than padded rows, at 16 x 1 2.6x faster (scripts/perf/README.md).
 GPU_PREFIX_MIN_BATCH = 8
 
 

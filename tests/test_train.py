@@ -673,7 +673,7 @@ def test_checkpointing_turns_on_when_the_longest_batch_would_not_fit():
     forced = choose_fast_path(TrainConfig(precision="bf16", gradient_checkpointing="on"), "cuda", need[4],
                               device_memory=H100)
     assert (forced.gradient_checkpointing, forced.checkpointed_layers) == (True, None)  # None: every layer
-    # The one measured point (README, Speed): 30.8 GiB peak for batches of 4 samples of ~507 tokens (638 at most).
+    # The one measured point (scripts/perf/README.md): 30.8 GiB peak for batches of 4 samples of ~507 tokens (638 at most).
     measured = 30.8 * 2**30
     assert measured <= _qwen2_7b_memory(4 * 638).peak() <= 1.25 * measured
 
@@ -754,7 +754,7 @@ def test_gpu_merges_micro_batches_where_memory_allows(budget_gib, expected):
     assert chosen == expected
     assert estimate(chosen).peak(28) <= budget or chosen == 4
     assert all(estimate(b).peak(28) > budget for b in (8, 16) if b > chosen)
-    # What then runs, as measured on the H100 (README, Speed): 16 samples with the shared prefix, no checkpointing
+    # What then runs, as measured on the H100 (scripts/perf/README.md): 16 samples with the shared prefix, no checkpointing
     # on the card's own budget, 25 of 28 layers checkpointed within 23.7 GiB.
     if chosen == 16 and budget_gib in (72, 23.7):
         merged = TrainConfig(precision="bf16", max_memory_gib=budget_gib, per_device_train_batch_size=16,
