@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (one H100, within 9 minutes): on the Qwen2-7B shape (random weights) the training benchmark (TRL
+# The GPU check (one H100, within 8 minutes): on the Qwen2-7B shape (random weights) the training benchmark (TRL
 # defaults vs the project's path, within the issue's memory bound and at 4 x 4 with the shared prefix, with a
 # profiled step), the generation benchmark, the training benchmark compiled, then — if time is left — partial
 # checkpointing at 16 samples per micro-batch, the six stages and a ZeRO-3 launch on a small random-weight
@@ -14,7 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
-BUDGET_S=${BUDGET_S:-540}
+BUDGET_S=${BUDGET_S:-480}
 mkdir -p "$OUT"
 
 if [ "${1:-}" = "prepare" ]; then
