@@ -114,6 +114,14 @@ def _not_found(base_model: str, err: Exception) -> ModelNotFoundError:
     )
 
 
+def _no_tokenizer(base_model: str, folder: str, reason: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"base_model {base_model!r}: the folder {folder} has no usable tokenizer ({reason}). Copy the tokenizer "
+        "files (tokenizer.json, tokenizer_config.json and any chat_template.jinja) of the model it was made from "
+        "into that folder."
+    )
+
+
 def load_tokenizer(base_model: str):
     """Tokenizer of a model, or of a folder that holds only a tokenizer (an adapter folder)."""
     from transformers import AutoTokenizer
@@ -123,7 +131,13 @@ def load_tokenizer(base_model: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
+        if Path(path).is_dir():
+            raise _no_tokenizer(base_model, path, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
         raise _not_found(base_model, err) from err
+    # From some model folders without tokenizer files (Qwen2's, for one) transformers builds an empty tokenizer,
+    # without an error: every text would tokenize to nothing, and training would see only the chat template.
+    if not tokenizer("a", add_special_tokens=False)["input_ids"]:
+        raise _no_tokenizer(base_model, path, f"transformers built one of {len(tokenizer)} token(s) that turns text into nothing")
     if not tokenizer.chat_template:
         log.warning("%s has no chat template: using the fallback template (README: models without a chat template)", base_model)
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE

@@ -74,6 +74,25 @@ def test_unknown_model_offline_gets_one_clear_message(monkeypatch):
         resolve_model_path("embedded:other")
 
 
+def test_model_folder_without_tokenizer_files_gets_one_clear_message(tmp_path, tiny_model_dir, tokenizer):
+    """Not an empty tokenizer (transformers builds one for a Qwen2 folder, silently) nor "not a local model folder"."""
+    import shutil
+
+    from transformers import Qwen2Config
+
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, llama / name)
+    qwen2 = tmp_path / "qwen2"
+    Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2).save_pretrained(qwen2)
+    for folder in (llama, qwen2):
+        with pytest.raises(ModelNotFoundError, match=rf"the folder {folder} has no usable tokenizer(.|\n)*Copy the tokenizer"):
+            load_tokenizer(str(folder))
+    assert load_tokenizer(str(tiny_model_dir))("토니 스타크", add_special_tokens=False)["input_ids"]
+
+
 def test_folder_without_config_is_refused(tmp_path):
     with pytest.raises(ModelNotFoundError, match="without config.json"):
         resolve_model_path(str(tmp_path))
@@ -202,9 +221,11 @@ def faults_of_a_fresh_block():
     torch.ones(16 * 2**20).sum()
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-outside = faults_of_a_fresh_block()
+# The fewest of a few tries: a freed block is sometimes not the one the next allocation reuses (small
+# allocations of other threads land beside it), so one try inside the context faulted now and then under load.
+outside = min(faults_of_a_fresh_block() for _ in range(4))
 with keep_freed_memory():
-    inside = faults_of_a_fresh_block()
+    inside = min(faults_of_a_fresh_block() for _ in range(4))
 print(outside, inside)
 """
 
