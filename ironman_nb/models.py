@@ -114,9 +114,16 @@ def _not_found(base_model: str, err: Exception) -> ModelNotFoundError:
     )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
 def _no_tokenizer(base_model: str, folder: str, reason: str) -> ModelNotFoundError:
+    present = [name for name in TOKENIZER_FILES if (Path(folder) / name).is_file()]
+    if present:  # e.g. only a sentencepiece tokenizer.model, and sentencepiece not installed
+        return ModelNotFoundError(f"base_model {base_model!r}: the tokenizer files in {folder} ({', '.join(present)}) "
+                                  f"could not be loaded: {reason}")
     return ModelNotFoundError(
-        f"base_model {base_model!r}: the folder {folder} has no usable tokenizer ({reason}). Copy the tokenizer "
+        f"base_model {base_model!r}: the folder {folder} has no tokenizer files ({reason}). Copy the tokenizer "
         "files (tokenizer.json, tokenizer_config.json and any chat_template.jinja) of the model it was made from "
         "into that folder."
     )
@@ -132,7 +139,7 @@ def load_tokenizer(base_model: str):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         if Path(path).is_dir():
-            raise _no_tokenizer(base_model, path, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+            raise _no_tokenizer(base_model, path, f"{type(err).__name__}: {' '.join(str(err).split())[:600]}") from err
         raise _not_found(base_model, err) from err
     # From some model folders without tokenizer files (Qwen2's, for one) transformers builds an empty tokenizer,
     # without an error: every text would tokenize to nothing, and training would see only the chat template.

@@ -88,8 +88,12 @@ def test_model_folder_without_tokenizer_files_gets_one_clear_message(tmp_path, t
     Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                 num_attention_heads=4, num_key_value_heads=2).save_pretrained(qwen2)
     for folder in (llama, qwen2):
-        with pytest.raises(ModelNotFoundError, match=rf"the folder {folder} has no usable tokenizer(.|\n)*Copy the tokenizer"):
+        with pytest.raises(ModelNotFoundError, match=rf"the folder {folder} has no tokenizer files(.|\n)*Copy the tokenizer"):
             load_tokenizer(str(folder))
+    # Tokenizer files that do not load (here a broken sentencepiece file) are named, with transformers' reason.
+    (llama / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(ModelNotFoundError, match=rf"the tokenizer files in {llama} \(tokenizer.model\) could not be loaded: \w+"):
+        load_tokenizer(str(llama))
     assert load_tokenizer(str(tiny_model_dir))("토니 스타크", add_special_tokens=False)["input_ids"]
 
 
