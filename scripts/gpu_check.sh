@@ -80,9 +80,10 @@ for line in sys.stdin:
   echo "$name: exit ${PIPESTATUS[0]} in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.txt"
 }
 
-# A CPU smoke test of this script sets these to a small model folder and a few samples — at least 64: with
-# fewer, the pipeline trains one optimizer step, still at learning rate 0 in its warm-up, and the merge rightly
-# refuses the unchanged adapter. (Move a prepared .whl/ aside first: its wheels are for the GPU machine's Python.)
+# A CPU smoke test of this script sets these to small model folders (with tokenizer files) and a few samples —
+# at least 64: with fewer, the pipeline trains one optimizer step, still at learning rate 0 in its warm-up, and
+# the merge rightly refuses the unchanged adapter. (Move a prepared .whl/ aside first: its wheels are for the GPU
+# machine's Python; and put .venv/bin first on PATH, as the script calls python3.) On a 2-core CPU: ~18 minutes.
 TOK=${GPU_CHECK_TOKENIZER:-.gpu/tokenizer} M7=${GPU_CHECK_MODEL:-qwen2-7b} M8=${GPU_CHECK_MODEL2:-llama3-8b}
 SAMPLES=${GPU_CHECK_SAMPLES:-256}
 # TRL's defaults (also the machine's warm-up: on a freshly started H100 the first process ran ~2x slower); the
