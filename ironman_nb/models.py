@@ -30,6 +30,15 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 # Tokens that end an assistant turn in common chat templates, most specific first.
+# Put before a chat template that has no system turn (Gemma's raises on one, Mistral's before v0.3 too): the
+# system message goes at the start of the first user turn, as LLaMA-Factory's templates do for such models.
+SYSTEM_INTO_FIRST_USER = (
+    "{%- if messages | length > 1 and messages[0]['role'] == 'system' and messages[1]['role'] == 'user' -%}"
+    "{%- set messages = [{'role': 'user', 'content': messages[0]['content'] + '\n\n' + messages[1]['content']}]"
+    " + messages[2:] -%}"
+    "{%- endif -%}"
+)
+
 END_OF_TURN_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
 
@@ -148,9 +157,28 @@ def load_tokenizer(base_model: str):
     if not tokenizer.chat_template:
         log.warning("%s has no chat template: using the fallback template (README: models without a chat template)", base_model)
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    elif isinstance(tokenizer.chat_template, str) and not renders_system_turn(tokenizer):
+        plain = tokenizer.chat_template
+        tokenizer.chat_template = SYSTEM_INTO_FIRST_USER + plain
+        if renders_system_turn(tokenizer):
+            log.warning("%s's chat template has no system turn: the persona system prompt goes at the start of the "
+                        "first user turn (the saved tokenizer keeps this template)", base_model)
+        else:  # broken in another way: leave it as it came, to fail where it is used
+            tokenizer.chat_template = plain
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def renders_system_turn(tokenizer) -> bool:
+    """Whether the chat template renders a system message's text (some raise on one, some drop it silently)."""
+    marker = "XYZ-system-probe"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "system", "content": marker}, {"role": "user", "content": "hi"}],
+                                             tokenize=False, add_generation_prompt=True)
+    except Exception:  # jinja's TemplateError from raise_exception, or any error of the template's own
+        return False
+    return marker in text
 
 
 def end_of_turn_token(tokenizer) -> str:

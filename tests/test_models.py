@@ -66,6 +66,47 @@ def test_tokenizer_without_template_gets_the_documented_fallback(tmp_path, token
     assert end_of_turn_token(loaded) == loaded.eos_token
 
 
+GEMMA2_TEMPLATE = (  # google/gemma-2-2b-it's, verbatim: no system turn
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+DROPS_SYSTEM_TEMPLATE = (  # renders without error, and without the system prompt
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [GEMMA2_TEMPLATE, DROPS_SYSTEM_TEMPLATE], ids=["raises", "drops"])
+def test_chat_template_without_system_turn_gets_the_persona_at_the_start_of_the_first_user_turn(
+        tmp_path, tokenizer, caplog, template):
+    import copy
+
+    from ironman_nb.data import chat_messages, tokenize_conversation
+
+    assert load_tokenizer(EMBEDDED_MODEL).chat_template == tokenizer.chat_template  # a system turn: left as it is
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = template
+    bare.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"}')
+    loaded = load_tokenizer(str(tmp_path / "model"))
+    assert "no system turn" in caplog.text
+    messages = chat_messages({"instruction": "슈트 상태는?", "input": "", "output": "완벽하지."}, "너는 토니 스타크야.")
+    text = loaded.apply_chat_template(messages, tokenize=False)
+    assert "너는 토니 스타크야.\n\n슈트 상태는?" in text and text.count("너는 토니 스타크야.") == 1
+    sample = tokenize_conversation(loaded, messages)
+    answer = [t for t, label in zip(sample["input_ids"], sample["labels"]) if label != -100]
+    assert loaded.decode(answer).startswith("완벽하지.")
+    # Saved with the adapter or the merged model, the template keeps the fold, and is not folded twice.
+    loaded.save_pretrained(tmp_path / "saved")
+    (tmp_path / "saved" / "config.json").write_text('{"model_type": "llama"}')
+    assert load_tokenizer(str(tmp_path / "saved")).chat_template == loaded.chat_template
+
+
 def test_unknown_model_offline_gets_one_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError, match=r"base_model 'no-such-org/no-such-model' is not a local model folder(.|\n)*embedded"):
