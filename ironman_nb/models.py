@@ -29,7 +29,6 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
 )
 
-# Tokens that end an assistant turn in common chat templates, most specific first.
 # Put before a chat template that has no system turn (Gemma's raises on one, Mistral's before v0.3 too): the
 # system message goes at the start of the first user turn, as LLaMA-Factory's templates do for such models.
 SYSTEM_INTO_FIRST_USER = (
@@ -39,6 +38,7 @@ SYSTEM_INTO_FIRST_USER = (
     "{%- endif -%}"
 )
 
+# Tokens that end an assistant turn in common chat templates, most specific first.
 END_OF_TURN_CANDIDATES = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
 
