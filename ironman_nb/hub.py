@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import EMBEDDED_MODEL, REPO_ID_PATTERN, PushConfig, mask_secret
-from .io import atomic_write_bytes, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text, human_size
 from .models import EMBEDDED_HUB_ID
 
 # Top-level files that may be uploaded: exact names, then name patterns.
@@ -75,7 +75,7 @@ class PushResult:
     def listing(self):
         import pandas as pd
 
-        rows = [(name, size, _human_size(size)) for name, size in self.files]
+        rows = [(name, size, human_size(size)) for name, size in self.files]
         return pd.DataFrame(rows, columns=["file", "bytes", "size"]).set_index("file")
 
 
@@ -514,15 +514,6 @@ def call_with_retries(what: str, fn: Callable[[], Any], repo_id: str, sleep: Cal
     raise AssertionError("unreachable")
 
 
-def _human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GB"
-
-
 def push_to_hub(cfg: PushConfig, api=None, sleep: Callable[[float], Any] = time.sleep) -> PushResult:
     """Write the model card, then (unless `cfg.dry_run`) upload the allowlisted files in one commit."""
     model_dir = Path(cfg.model_dir)
@@ -540,7 +531,7 @@ def push_to_hub(cfg: PushConfig, api=None, sleep: Callable[[float], Any] = time.
 
     card = write_model_card(model_dir, cfg.repo_id, token)
     files = upload_files(model_dir)
-    total = _human_size(sum(size for _, size in files))
+    total = human_size(sum(size for _, size in files))
     left_out = sorted(p.name for p in model_dir.iterdir() if p.name not in {n for n, _ in files})
     if left_out:
         shown = ", ".join(left_out[:6]) + (", …" if len(left_out) > 6 else "")

@@ -6,6 +6,7 @@ place, so a crash or a pre-empted pod never leaves a half-written file where a g
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -66,6 +67,41 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+DISK_ADVICE = ("Free some space (the large files are older runs' merged/ folders and checkpoints/) or write to a "
+               "larger disk (on RunPod, the volume under /workspace).")
+
+
+def free_disk_bytes(path: str | os.PathLike) -> int:
+    """Free bytes on the disk that holds `path`, or would hold it (its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def disk_space_problem(path: str | os.PathLike, needed: int, what: str) -> str | None:
+    """What to tell the user when the disk of `path` has less than `needed` bytes free; None when it has enough."""
+    free = free_disk_bytes(path)
+    if free >= needed:
+        return None
+    return (f"{what} needs about {human_size(needed)} on the disk of {path}, which has {human_size(free)} free. "
+            + DISK_ADVICE)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC, as an OSError or as safetensors' own error, which carries only the OS message."""
+    return getattr(err, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(err)
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:

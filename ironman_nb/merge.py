@@ -16,7 +16,7 @@ from pathlib import Path
 from .config import DEFAULT_SYSTEM_PROMPT, MergeConfig
 from .data import prompt_messages
 from .hub import run_failure
-from .io import atomic_dir, atomic_write_json, read_json
+from .io import DISK_ADVICE, atomic_dir, atomic_write_json, disk_space_problem, is_disk_full, read_json
 from .models import (
     end_of_turn_token,
     hub_id,
@@ -33,6 +33,8 @@ from .models import (
 LOGIT_TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "fp16": 0.1}
 PROBE_PROMPT = "토니, 아크 원자로가 뭔지 한 문장으로 설명해 줘."
 MERGE_INFO = "ironman_nb.json"
+# Room for the tokenizer, configs and the info file beside the weights.
+SMALL_FILES_BYTES = 64 * 2**20
 
 
 class MergeError(RuntimeError):
@@ -165,15 +167,26 @@ def merge(cfg: MergeConfig) -> MergeResult:
         "end-of-turn token": eot,
         "saved dtype": save_dtype,
     }
-    with atomic_dir(output_dir) as tmp:
-        merged.save_pretrained(tmp, max_shard_size="2GB")
-        tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / MERGE_INFO, {
-            "base_model": cfg.base_model,
-            "base_model_hub_id": hub_id(cfg.base_model),
-            "adapter_dir": str(adapter_dir.resolve()),
-            "system_prompt": system_prompt,
-            "end_of_turn_token": eot,
-            "checks": checks,
-        })
+    # An earlier merged folder stays until the new one is complete, so the whole new model must fit beside it.
+    weight_bytes = sum(p.numel() * p.element_size() for p in merged.parameters())
+    problem = disk_space_problem(output_dir, weight_bytes + SMALL_FILES_BYTES, "the merged model")
+    if problem:
+        raise MergeError(f"{problem} Nothing was written.")
+    try:
+        with atomic_dir(output_dir) as tmp:
+            merged.save_pretrained(tmp, max_shard_size="2GB")
+            tokenizer.save_pretrained(tmp)
+            atomic_write_json(tmp / MERGE_INFO, {
+                "base_model": cfg.base_model,
+                "base_model_hub_id": hub_id(cfg.base_model),
+                "adapter_dir": str(adapter_dir.resolve()),
+                "system_prompt": system_prompt,
+                "end_of_turn_token": eot,
+                "checks": checks,
+            })
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        raise MergeError(f"{output_dir}: the disk filled up while the merged model was saved ({err}); the partial "
+                         f"folder is removed and an earlier merged folder is kept. {DISK_ADVICE}") from err
     return MergeResult(output_dir, checks)

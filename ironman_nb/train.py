@@ -23,7 +23,7 @@ from typing import Any
 
 from .config import ConfigError, TrainConfig
 from .data import DataError, load_chat_records, tokenize_conversation
-from .io import atomic_write_json, read_json
+from .io import atomic_write_json, disk_space_problem, read_json
 from .launch import launched, run_launched
 from .models import (
     attention_implementation,
@@ -36,6 +36,7 @@ from .models import (
     resolve_precision,
     resolve_model_path,
     sdpa_without_cudnn,
+    torch_dtype,
 )
 
 log = logging.getLogger(__name__)
@@ -1000,6 +1001,8 @@ class TrainerSetup:
     checkpoint_dir: Path
     stop_on_nonfinite: Any
     on_terminate: Any
+    # The base model's parameters (a merged model has as many).
+    parameter_count: int = 0
 
 
 def load_training_data(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
@@ -1074,6 +1077,7 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     precision = resolve_precision(cfg.precision, device)
     if model is None:
         model = load_model(cfg.base_model, precision, device, cfg.quantization)
+    parameter_count = model.num_parameters()
     longest = longest_sample(train_ds)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     # The persona system turn every sample starts with. Measured on the first rows: a cap too long for a later
@@ -1151,7 +1155,7 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     else:
         log.info("fast path: %s (peak memory not estimated for this architecture)", fast)
     return TrainerSetup(trainer, fast, train_records, len(train_ds), len(eval_ds) if eval_ds is not None else 0,
-                        checkpoint_dir, stop_on_nonfinite, on_terminate)
+                        checkpoint_dir, stop_on_nonfinite, on_terminate, parameter_count)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -1165,6 +1169,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         output_dir = Path(cfg.output_dir)
         if trainer.is_world_process_zero():
             set_aside_foreign_checkpoints(cfg, checkpoint_dir)
+            # Said before hours of training rather than when notebook 04 cannot save the merge.
+            problem = disk_space_problem(output_dir, setup.parameter_count * torch_dtype(fast.precision).itemsize,
+                                         "merging this adapter (notebook 04, which saves the merged model in the training precision)")
+            if problem:
+                log.warning(problem)
         trainer.accelerator.wait_for_everyone()
         resume_from = find_resume_checkpoint(checkpoint_dir, cfg.resume)
         do_eval = setup.eval_samples > 0

@@ -3,7 +3,15 @@ import os
 
 import pytest
 
-from ironman_nb.io import atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
+from ironman_nb.io import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    disk_space_problem,
+    free_disk_bytes,
+    is_disk_full,
+    read_jsonl,
+)
 
 
 def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
@@ -48,3 +56,27 @@ def test_read_jsonl_names_the_bad_line(tmp_path):
     path.write_text('{"a": 1}\n\n{"a": \n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"x.jsonl, line 3"):
         read_jsonl(path)
+
+
+def test_disk_space_is_measured_where_the_folder_will_be(tmp_path, monkeypatch):
+    import shutil
+
+    real = shutil.disk_usage
+    asked = []
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: asked.append(path) or real(path)._replace(free=3 * 2**30))
+    assert free_disk_bytes(tmp_path / "run" / "merged") == 3 * 2**30
+    assert asked == [tmp_path]  # the nearest folder that exists
+    assert disk_space_problem(tmp_path / "merged", 2 * 2**30, "the merged model") is None
+    problem = disk_space_problem(tmp_path / "merged", 15 * 2**30, "the merged model")
+    assert problem.startswith(f"the merged model needs about 15.0 GB on the disk of {tmp_path / 'merged'}, "
+                              "which has 3.0 GB free")
+
+
+def test_disk_full_is_recognised_in_both_shapes_it_arrives_in():
+    import errno
+
+    assert is_disk_full(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    # safetensors raises its own error type carrying only the OS message.
+    assert is_disk_full(Exception("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert not is_disk_full(PermissionError(errno.EACCES, "Permission denied"))
+    assert not is_disk_full(RuntimeError("CUDA out of memory"))

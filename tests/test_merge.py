@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -66,6 +67,49 @@ def test_corrupted_adapter_is_refused_and_earlier_merge_kept(trained, tiny_model
     with pytest.raises(MergeError, match=r"adapter tensor\(s\) hold NaN or inf"):
         merge(MergeConfig(base_model=str(tiny_model_dir), adapter_dir=str(broken), output_dir=str(out)))
     assert (out / "model.safetensors").read_text() == "earlier good merge"
+
+
+def _earlier_merge(tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "model.safetensors").write_text("earlier good merge")
+    return out
+
+
+def _left_behind(out):
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def test_short_disk_stops_before_writing_and_keeps_the_earlier_merge(trained, tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    out = _earlier_merge(tmp_path)
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=2**10))
+    with pytest.raises(MergeError, match=r"the merged model needs about \d+\.\d MB .* which has 1\.0 KB free\. "
+                                         r"Free some space .* Nothing was written"):
+        merge(MergeConfig(base_model=str(tiny_model_dir), adapter_dir=str(trained / "adapter"), output_dir=str(out)))
+    assert (out / "model.safetensors").read_text() == "earlier good merge"
+    assert _left_behind(out) == []
+
+
+def test_disk_filling_up_while_saving_is_named_and_the_earlier_merge_kept(trained, tiny_model_dir, tmp_path,
+                                                                          monkeypatch):
+    from transformers import PreTrainedModel
+
+    out = _earlier_merge(tmp_path)
+
+    def save_until_full(self, folder, **kwargs):
+        (Path(folder) / "model-00001-of-00002.safetensors").write_bytes(b"half a model")
+        # What safetensors raises on ENOSPC: its own error type, with the OS message only.
+        raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_until_full)
+    with pytest.raises(MergeError, match="the disk filled up while the merged model was saved .*earlier merged "
+                                         "folder is kept"):
+        merge(MergeConfig(base_model=str(tiny_model_dir), adapter_dir=str(trained / "adapter"), output_dir=str(out)))
+    assert (out / "model.safetensors").read_text() == "earlier good merge"
+    assert _left_behind(out) == []
 
 
 def test_adapter_for_another_base_is_refused(trained, tmp_path):

@@ -5,6 +5,7 @@ import pytest
 
 from conftest import write_chat_data
 from ironman_nb.config import TrainConfig
+from ironman_nb.io import DISK_ADVICE, human_size
 from ironman_nb.train import build_trainer, choose_fast_path, find_resume_checkpoint, train
 
 
@@ -937,6 +938,22 @@ def test_changed_parameters_start_fresh_and_keep_the_old_checkpoints(tmp_path, t
     assert "made with other parameters (lora_r 8 → 4)" in caplog.text
     stale = [p for p in (tmp_path / "adapter").iterdir() if p.name.startswith("checkpoints.stale-")]
     assert len(stale) == 1 and (stale[0] / "checkpoint-6").is_dir()
+
+
+def test_training_warns_when_the_disk_cannot_hold_the_merge(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=2**10))
+    result = train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=0, max_steps=1))
+    from transformers import AutoModelForCausalLM
+
+    warned = [r.getMessage() for r in caplog.records if "merging this adapter" in r.getMessage()]
+    parameters = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    assert warned == [f"merging this adapter (notebook 04, which saves the merged model in the training precision) "
+                      f"needs about {human_size(parameters * 4)} on the disk of {tmp_path / 'adapter'}, which has "
+                      f"1.0 KB free. {DISK_ADVICE}"]
+    assert result.run_config["result"]["global_step"] == 1  # a warning: the training itself goes ahead
 
 
 def test_resume_options(tmp_path):
