@@ -9,6 +9,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from .config import EMBEDDED_MODEL
 from .io import atomic_dir
@@ -206,6 +207,37 @@ def resolve_device() -> str:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def select_local_gpu() -> None:
+    """Under a launcher, make this process's GPU (LOCAL_RANK) torch's current device before a model loads.
+
+    Every process starts on GPU 0: a model moved to "cuda" there would put every process's copy on GPU 0
+    until the trainer moves it (8 copies of a 7B model: ~120 GB), and a 4-bit model, which is not moved, would
+    train there."""
+    import torch
+
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and torch.cuda.is_available():
+        torch.cuda.set_device(int(local_rank))
+
+
+class GpuMemory(NamedTuple):
+    """The current GPU's memory in bytes: what this process can use — what is free plus what its own allocator
+    holds (a loaded model) —, what the rest of the machine holds (another Jupyter kernel, vLLM; this process's
+    CUDA context too, ~0.5 GiB) and the card's total."""
+
+    available: int
+    elsewhere: int
+    total: int
+
+
+def gpu_memory() -> GpuMemory:
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    available = free + torch.cuda.memory_reserved()
+    return GpuMemory(available, total - available, total)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -424,11 +456,12 @@ def load_model(base_model: str, precision: str = "fp32", device: str = "cpu", qu
     if quantization == "4bit":
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ModelNotFoundError("quantization='4bit' needs bitsandbytes: pip install bitsandbytes")
+        import torch
         from transformers import BitsAndBytesConfig
 
         extra = {"quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch_dtype(load_precision)), "device_map": {"": device if device != "cuda" else 0}}
+            bnb_4bit_compute_dtype=torch_dtype(load_precision)), "device_map": {"": device if device != "cuda" else torch.cuda.current_device()}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype(load_precision), attn_implementation=attention_implementation(device), **extra

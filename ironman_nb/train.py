@@ -27,6 +27,7 @@ from .io import atomic_write_json, disk_space_problem, read_json
 from .launch import launched, run_launched
 from .models import (
     attention_implementation,
+    gpu_memory,
     end_of_turn_token,
     hub_id,
     keep_freed_memory,
@@ -36,6 +37,7 @@ from .models import (
     resolve_precision,
     resolve_model_path,
     sdpa_without_cudnn,
+    select_local_gpu,
     torch_dtype,
 )
 
@@ -130,17 +132,20 @@ def estimate_training_memory(model_config, weight_bytes: int, precision: str, to
                           fixed=prefix_tokens * per_token_layer * layers)
 
 
+# More than the CUDA context of this process held elsewhere on its GPU is worth a word: `auto` plans without it.
+GPU_HELD_ELSEWHERE_NOTICE = 2 * 2**30
+
+
 def memory_budget(cfg: TrainConfig, device: str, device_memory: int | None = None) -> float:
-    """The memory `auto` plans for, in bytes: `max_memory_gib`, else 90 % of the GPU (the CUDA context and
-    fragmentation take a share; the estimate runs high), else 0 (a CPU: no planning)."""
+    """The memory `auto` plans for, in bytes: `max_memory_gib`, else 90 % of the GPU memory this process can use
+    (`device_memory`, by default models.gpu_memory: not what other processes hold; the CUDA context and
+    fragmentation take a share, and the estimate runs high), else 0 (a CPU: no planning)."""
     if cfg.max_memory_gib:
         return cfg.max_memory_gib * 2**30
     if device != "cuda":
         return 0.0
     if device_memory is None:
-        import torch
-
-        device_memory = torch.cuda.get_device_properties(0).total_memory
+        device_memory = gpu_memory().available
     return 0.9 * device_memory
 
 
@@ -1075,8 +1080,15 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
 
     device = resolve_device()
     precision = resolve_precision(cfg.precision, device)
+    select_local_gpu()
     if model is None:
         model = load_model(cfg.base_model, precision, device, cfg.quantization)
+    if device == "cuda" and not cfg.max_memory_gib:
+        held = gpu_memory()
+        if held.elsewhere > GPU_HELD_ELSEWHERE_NOTICE:
+            log.warning("%.1f of this GPU's %.1f GiB are held outside this training (another Jupyter kernel or "
+                        "process? `nvidia-smi` lists them); `auto` plans for the %.1f GiB left", held.elsewhere / 2**30,
+                        held.total / 2**30, held.available / 2**30)
     parameter_count = model.num_parameters()
     longest = longest_sample(train_ds)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -11,9 +11,11 @@ from ironman_nb.models import (
     embedded_model_dir,
     end_of_turn_token,
     hub_id,
+    load_model,
     load_tokenizer,
     resolve_model_path,
     resolve_precision,
+    select_local_gpu,
 )
 
 
@@ -298,3 +300,36 @@ def test_keep_freed_memory_reuses_freed_blocks_unless_the_environment_sets_mallo
         assert inside > pages // 2
     else:
         assert inside < pages // 20
+
+
+@pytest.mark.parametrize("local_rank, cuda, selected", [("1", True, [1]), (None, True, []), ("1", False, [])])
+def test_a_launched_process_trains_on_its_own_gpu(monkeypatch, local_rank, cuda, selected):
+    import torch
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    if local_rank is not None:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    select_local_gpu()
+    assert chosen == selected
+
+
+def test_a_4bit_model_loads_onto_the_current_gpu(monkeypatch, tiny_model_dir):
+    """Not GPU 0 in every process: a 4-bit model is not moved afterwards (the trainer leaves quantized models
+    where they are)."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    asked = {}
+
+    def from_pretrained(path, **kwargs):
+        asked.update(kwargs)
+        return "model"
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    assert load_model(str(tiny_model_dir), "bf16", "cuda", "4bit") == "model"
+    assert asked["device_map"] == {"": 3}

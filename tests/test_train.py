@@ -6,7 +6,7 @@ import pytest
 from conftest import write_chat_data
 from ironman_nb.config import TrainConfig
 from ironman_nb.io import DISK_ADVICE, human_size
-from ironman_nb.train import build_trainer, choose_fast_path, find_resume_checkpoint, train
+from ironman_nb.train import build_trainer, choose_fast_path, find_resume_checkpoint, memory_budget, train
 
 
 def tiny_cfg(tmp_path, model_dir, **overrides):
@@ -710,6 +710,41 @@ def test_max_memory_gib_sets_the_budget_on_any_device():
     assert (roomy.gradient_checkpointing, roomy.shared_prefix) == (False, True)
     with pytest.raises(ConfigError, match="max_memory_gib"):
         TrainConfig(max_memory_gib=-1)
+
+
+def test_auto_plans_for_the_gpu_memory_other_processes_leave(monkeypatch):
+    """Another Jupyter kernel holding a model on the card: `auto` plans for what is left (free memory plus
+    what this process holds), where planning for the whole card would run out of memory."""
+    import torch
+
+    GiB = 2**30
+    held_by_this_process = 16 * GiB  # the loaded base model
+    memory = _qwen2_7b_memory(4 * 1024)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a, **k: held_by_this_process)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a, **k: (H100 - held_by_this_process - GiB, H100))
+    alone = choose_fast_path(TrainConfig(precision="bf16"), "cuda", memory)
+    assert not alone.gradient_checkpointing  # as with the whole card (test above)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a, **k: (H100 - held_by_this_process - 40 * GiB, H100))
+    assert memory_budget(TrainConfig(), "cuda") == pytest.approx(0.9 * (H100 - 40 * GiB))
+    shared = choose_fast_path(TrainConfig(precision="bf16"), "cuda", memory)
+    assert shared.gradient_checkpointing and memory.peak(shared.checkpointed_layers) <= 0.9 * (H100 - 40 * GiB)
+    assert memory_budget(TrainConfig(max_memory_gib=60), "cuda") == 60 * GiB  # set by hand: taken as given
+
+
+def test_each_launched_process_selects_its_gpu_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch):
+    import ironman_nb.train as train_module
+
+    calls = []
+    monkeypatch.setattr(train_module, "select_local_gpu", lambda: calls.append("select_local_gpu"))
+
+    def load_model(*args, **kwargs):
+        calls.append("load_model")
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(train_module, "load_model", load_model)
+    with pytest.raises(RuntimeError, match="stop here"):
+        build_trainer(tiny_cfg(tmp_path, tiny_model_dir))
+    assert calls == ["select_local_gpu", "load_model"]
 
 
 def test_shared_prefix_plans_memory_for_the_suffixes_it_holds():
