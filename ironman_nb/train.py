@@ -965,6 +965,27 @@ class NonFiniteTrainingError(RuntimeError):
     pass
 
 
+class TrainingOutOfMemory(RuntimeError):
+    """The GPU ran out of memory while training; the message says what ran and what to change."""
+
+
+def out_of_memory_advice(cfg: TrainConfig, fast: FastPath, step: int, checkpoint_dir: Path, err: BaseException) -> str:
+    layers = ("off" if not fast.gradient_checkpointing else
+              f"on {fast.checkpointed_layers} layers" if fast.checkpointed_layers else "on every layer")
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    kept = (f" The checkpoints in {checkpoint_dir} are kept: with resume='auto' a new run continues from the newest."
+            if any(checkpoint_dir.glob("checkpoint-*")) else "")
+    return (f"the GPU ran out of memory at step {step} ({reason}). It ran {fast.micro_batch} samples per micro-batch "
+            f"x {fast.accumulation_steps} per optimizer step, samples up to max_length={cfg.max_length} tokens, "
+            f"gradient checkpointing {layers}. To fit, in this order: in JupyterLab, restart this kernel (the failed "
+            "step's memory stays held until then) and shut down other kernels or processes on the GPU (`nvidia-smi` "
+            "lists them); set "
+            "max_memory_gib below what the card has, so that `auto` checkpoints more layers and runs smaller "
+            "micro-batches; gradient_checkpointing='on'; a smaller per_device_train_batch_size with a larger "
+            "gradient_accumulation_steps (the same samples per step); a smaller max_length; quantization='4bit'."
+            + kept)
+
+
 class TrainingInterrupted(RuntimeError):
     """SIGTERM arrived; a checkpoint was saved and `resume="auto"` continues from it."""
 
@@ -1172,6 +1193,8 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train in this process, or — with a launcher — in processes started by accelerate or deepspeed."""
+    import torch
+
     if cfg.launcher != "none" and not launched():
         return run_launched(cfg, resolve_precision(cfg.precision, resolve_device()))
     setup = build_trainer(cfg)
@@ -1192,7 +1215,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         tokenizer = trainer.processing_class
         started = time.perf_counter()
         with _sigterm_sets(setup.on_terminate):
-            output = trainer.train(resume_from_checkpoint=resume_from)
+            try:
+                output = trainer.train(resume_from_checkpoint=resume_from)
+            except torch.OutOfMemoryError as err:
+                raise TrainingOutOfMemory(out_of_memory_advice(cfg, fast, trainer.state.global_step, checkpoint_dir,
+                                                               err)) from err
         runtime = time.perf_counter() - started
         if stop_on_nonfinite.bad:
             error = (f"training stopped: non-finite value {stop_on_nonfinite.bad}; the last good checkpoint in "

@@ -991,6 +991,37 @@ def test_training_warns_when_the_disk_cannot_hold_the_merge(tmp_path, tiny_model
     assert result.run_config["result"]["global_step"] == 1  # a warning: the training itself goes ahead
 
 
+def test_gpu_out_of_memory_says_what_ran_and_what_to_change(tmp_path, tiny_model_dir, monkeypatch):
+    import torch
+    from transformers import Trainer
+
+    from ironman_nb.train import TrainingOutOfMemory
+
+    real_step, calls = Trainer.training_step, []
+
+    def step_until_out_of_memory(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # the first micro-batch of optimizer step 3 (2 per step), after checkpoint-2
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                         "capacity of 79.19 GiB of which 1.06 GiB is free.\nmore detail")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", step_until_out_of_memory)
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, eval_steps=0, gradient_checkpointing="off")
+    with pytest.raises(TrainingOutOfMemory) as caught:
+        train(cfg)
+    message = str(caught.value)
+    checkpoints = tmp_path / "adapter" / "checkpoints"
+    assert message.startswith("the GPU ran out of memory at step 2 (CUDA out of memory. Tried to allocate 2.00 GiB. "
+                              "GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB is free.). It ran 2 samples "
+                              "per micro-batch x 2 per optimizer step, samples up to max_length=512 tokens, gradient "
+                              "checkpointing off.")
+    assert "max_memory_gib" in message and "gradient_checkpointing='on'" in message
+    assert message.endswith(f"The checkpoints in {checkpoints} are kept: with resume='auto' a new run continues from "
+                            "the newest.")
+    assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
+
+
 def test_resume_options(tmp_path):
     assert find_resume_checkpoint(tmp_path / "none", "auto") is None
     assert find_resume_checkpoint(tmp_path, "never") is None
