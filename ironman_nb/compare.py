@@ -9,14 +9,17 @@ from __future__ import annotations
 import dataclasses
 import html
 import io
+import logging
 import re
 from pathlib import Path
 
 from .config import CompareConfig
 from .data import prompt_messages, tokenize_conversation
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
-from .models import (few_row_linear, load_model, load_tokenizer, resolve_device, resolve_precision, sdpa_without_cudnn,
-                     stop_token_ids)
+from .models import (few_row_linear, load_model, load_tokenizer, release_gpu_memory, releases_gpu_memory, resolve_device,
+                     resolve_precision, sdpa_without_cudnn, stop_token_ids)
+
+log = logging.getLogger(__name__)
 
 # Answers that call themselves an AI / language model (the persona breaking), in Korean and English.
 PERSONA_BREAK = re.compile(
@@ -240,8 +243,6 @@ def generate_answers_vllm(model_name: str, tokenizer, prompts: list[str], system
                           precision: str) -> list[tuple[str, bool]]:
     """The same greedy answers through vLLM (used on a GPU where vllm is installed): prompts rendered by the
     same chat template, the same stop tokens; vLLM batches and caches the shared system turn itself."""
-    import gc
-
     from vllm import LLM, SamplingParams
 
     from .models import resolve_model_path
@@ -250,7 +251,7 @@ def generate_answers_vllm(model_name: str, tokenizer, prompts: list[str], system
     texts = [tokenizer.apply_chat_template(prompt_messages(p, system_prompt), tokenize=False, add_generation_prompt=True)
              for p in prompts]
     engine = LLM(model=resolve_model_path(model_name), dtype={"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32"),
-                 enable_prefix_caching=True, gpu_memory_utilization=0.6)
+                 enable_prefix_caching=True, gpu_memory_utilization=vllm_memory_utilization())
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop_ids)
     outputs = engine.generate(texts, params)
     results = []
@@ -259,15 +260,32 @@ def generate_answers_vllm(model_name: str, tokenizer, prompts: list[str], system
         ended = choice.finish_reason == "stop"
         results.append((clean_answer(choice.text), ended))
     del engine
-    gc.collect()
+    release_gpu_memory()
     return results
+
+
+def vllm_memory_utilization() -> float:
+    """The share of the card vLLM may take: 90 % of what is free, since vLLM refuses to start when that share is
+    more than is free (another kernel — notebook 02's, say — may still hold memory)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return round(min(0.9, 0.9 * free / total), 3)
 
 
 def _side(model_name: str, prompts: list[str], eval_records: list[dict], cfg: CompareConfig, device: str, precision: str):
     tokenizer = load_tokenizer(model_name)
     use_vllm = vllm_available(device)
     if use_vllm:  # before the transformers model takes its GPU memory
-        answers = generate_answers_vllm(model_name, tokenizer, prompts, cfg.system_prompt, cfg.max_new_tokens, precision)
+        try:
+            answers = generate_answers_vllm(model_name, tokenizer, prompts, cfg.system_prompt, cfg.max_new_tokens,
+                                            precision)
+        except Exception as err:  # vLLM only speeds generation up: without it the answers are the same
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            log.warning("vLLM could not generate with %s (%s: %s); generating with transformers instead", model_name,
+                        type(err).__name__, reason)
+            use_vllm = False
+            release_gpu_memory()
     model = load_model(model_name, precision, device)
     model.eval()
     # As in training (models.sdpa_without_cudnn): each decoding step calls attention once per layer.
@@ -276,9 +294,11 @@ def _side(model_name: str, prompts: list[str], eval_records: list[dict], cfg: Co
             answers = generate_answers(model, tokenizer, prompts, cfg.system_prompt, cfg.max_new_tokens, cfg.batch_size)
         nll = assistant_nll(model, tokenizer, eval_records) if eval_records else []
     del model
+    release_gpu_memory()  # before the other side's model (or vLLM, which needs it free) loads
     return answers, nll
 
 
+@releases_gpu_memory
 def compare(cfg: CompareConfig) -> CompareResult:
     prompts_path = Path(cfg.prompts_path)
     records = read_jsonl(prompts_path, "prompts file")

@@ -22,6 +22,7 @@ from .models import (
     hub_id,
     load_model,
     load_tokenizer,
+    releases_gpu_memory,
     resolve_device,
     resolve_model_path,
     resolve_precision,
@@ -102,6 +103,7 @@ class MergeResult:
         return pd.DataFrame(list(self.checks.items()), columns=["check", "result"]).set_index("check")
 
 
+@releases_gpu_memory
 def merge(cfg: MergeConfig) -> MergeResult:
     import torch
     from peft import PeftModel

@@ -5,6 +5,7 @@ torch and transformers are imported inside functions so the runner and configs s
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -401,6 +402,32 @@ def _glibc():
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.malloc_trim.argtypes = [ctypes.c_size_t]
     return libc
+
+
+def release_gpu_memory() -> None:
+    """Give the GPU memory this process no longer uses back to the driver. PyTorch's allocator keeps freed
+    blocks for itself, and a JupyterLab kernel lives on after its notebook ran: the next notebook's kernel (or
+    vLLM) would find the card full."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def releases_gpu_memory(stage):
+    """For a stage that loads models: once it returns, what it loaded is garbage; release it (release_gpu_memory)."""
+
+    @functools.wraps(stage)
+    def run(*args, **kwargs):
+        try:
+            return stage(*args, **kwargs)
+        finally:
+            release_gpu_memory()
+
+    return run
 
 
 def keep_freed_memory(active: bool = True):

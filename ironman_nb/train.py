@@ -33,6 +33,7 @@ from .models import (
     keep_freed_memory,
     load_model,
     load_tokenizer,
+    releases_gpu_memory,
     resolve_device,
     resolve_precision,
     resolve_model_path,
@@ -1191,6 +1192,7 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
                         checkpoint_dir, stop_on_nonfinite, on_terminate, parameter_count)
 
 
+@releases_gpu_memory
 def train(cfg: TrainConfig) -> TrainResult:
     """Train in this process, or — with a launcher — in processes started by accelerate or deepspeed."""
     import torch

@@ -62,3 +62,35 @@ def write_chat_data(folder: Path, train_rows: int = 12, eval_rows: int = 4) -> P
     for name, n, offset in (("train.jsonl", train_rows, 0), ("eval.jsonl", eval_rows, 100)):
         (folder / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records(n, offset)), encoding="utf-8")
     return folder
+
+
+@pytest.fixture
+def model_release_watch(monkeypatch):
+    """Watches a stage's models: `watch(module)` wraps the module's load_model; `alive` gets, each time the stage
+    releases GPU memory, how many of the models it loaded are still reachable then (after a garbage collection)."""
+    import gc
+    import types
+    import weakref
+
+    import ironman_nb.models as models
+
+    loaded, alive = [], []
+
+    def release():
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in loaded))
+
+    def watch(module):
+        real = module.load_model
+
+        def load_model(*args, **kwargs):
+            model = real(*args, **kwargs)
+            loaded.append(weakref.ref(model))
+            return model
+
+        monkeypatch.setattr(module, "load_model", load_model)
+        if hasattr(module, "release_gpu_memory"):
+            monkeypatch.setattr(module, "release_gpu_memory", release)
+
+    monkeypatch.setattr(models, "release_gpu_memory", release)
+    return types.SimpleNamespace(watch=watch, loaded=loaded, alive=alive)

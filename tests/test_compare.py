@@ -117,6 +117,8 @@ def test_vllm_path_uses_the_chat_template_greedy_and_the_stop_tokens(monkeypatch
     import sys
     import types
 
+    import torch
+
     from ironman_nb.compare import generate_answers_vllm
 
     calls = {}
@@ -139,6 +141,8 @@ def test_vllm_path_uses_the_chat_template_greedy_and_the_stop_tokens(monkeypatch
                     types.SimpleNamespace(outputs=[Choice("끝까지 못 했\ufffd", "length")])]
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    # Another kernel holds 50 of the card's 80 GiB: vLLM is asked for 90 % of the 30 left, not more than is free.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a, **k: (30 * 2**30, 80 * 2**30))
     model_dir = tmp_path / "m"
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{}")
@@ -146,6 +150,7 @@ def test_vllm_path_uses_the_chat_template_greedy_and_the_stop_tokens(monkeypatch
     assert answers == [("나야, 토니.", True), ("끝까지 못 했", False)]
     assert calls["params"] == {"temperature": 0.0, "max_tokens": 32, "stop_token_ids": [2]}
     assert calls["engine"]["dtype"] == "bfloat16" and calls["engine"]["enable_prefix_caching"] is True
+    assert calls["engine"]["gpu_memory_utilization"] == pytest.approx(0.9 * 30 / 80, abs=1e-3)
     assert calls["texts"][0] == tokenizer.apply_chat_template(
         [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": "누구야?"}],
         tokenize=False, add_generation_prompt=True)
@@ -174,3 +179,40 @@ def test_generation_and_nll_keep_sdpa_off_cudnn_on_a_gpu(monkeypatch, device, cu
     compare_module._side("base", ["prompt"], [{"messages": []}], CompareConfig(cudnn_attention=cudnn_attention),
                          device, "bf16")
     assert seen == [device != "cuda" or cudnn_attention] * 2 and torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_each_side_of_the_comparison_releases_its_model(tiny_model_dir, tmp_path, model_release_watch):
+    """The base model is gone before the tuned one loads (or vLLM, which starts only where the memory is free)."""
+    import ironman_nb.compare as compare_module
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "누구야?"}\n', encoding="utf-8")
+    model_release_watch.watch(compare_module)
+    compare(CompareConfig(base_model=str(tiny_model_dir), tuned_model=str(tiny_model_dir), prompts_path=str(prompts),
+                          eval_data="", output_dir=str(tmp_path / "out"), max_new_tokens=4))
+    assert len(model_release_watch.loaded) == 2 and model_release_watch.alive == [0, 0, 0]
+
+
+def test_a_failing_vllm_falls_back_to_transformers_generation(monkeypatch, tokenizer, caplog):
+    """vLLM refuses to start where less than its share of the card is free; the comparison goes on without it."""
+    import sys
+    import types
+
+    import torch
+
+    import ironman_nb.compare as compare_module
+
+    class LLM:
+        def __init__(self, **kwargs):
+            raise RuntimeError("Engine core initialization failed. See root cause above.\nmore")
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=dict))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a, **k: (30 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(compare_module, "vllm_available", lambda device: True)
+    monkeypatch.setattr(compare_module, "load_tokenizer", lambda name: tokenizer)
+    monkeypatch.setattr(compare_module, "load_model", lambda *args: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(compare_module, "generate_answers", lambda *args: [("나야, 토니.", True)])
+    answers, _ = compare_module._side("base", ["누구야?"], [], CompareConfig(), "cuda", "bf16")
+    assert answers == [("나야, 토니.", True)]
+    assert ("vLLM could not generate with base (RuntimeError: Engine core initialization failed. See root cause "
+            "above.); generating with transformers instead") in caplog.text

@@ -112,6 +112,14 @@ def test_disk_filling_up_while_saving_is_named_and_the_earlier_merge_kept(traine
     assert _left_behind(out) == []
 
 
+def test_a_finished_merge_leaves_no_model_in_memory(trained, tiny_model_dir, tmp_path, model_release_watch):
+    import ironman_nb.merge as merge_module
+
+    model_release_watch.watch(merge_module)
+    merge(MergeConfig(base_model=str(tiny_model_dir), adapter_dir=str(trained / "adapter"), output_dir=str(tmp_path / "m")))
+    assert len(model_release_watch.loaded) == 1 and model_release_watch.alive == [0]
+
+
 def test_adapter_for_another_base_is_refused(trained, tmp_path):
     with pytest.raises(MergeError, match=r"the adapter was trained on .*but base_model is 'Qwen/Qwen2-7B-Instruct'"):
         merge(MergeConfig(base_model="Qwen/Qwen2-7B-Instruct", adapter_dir=str(trained / "adapter"), output_dir=str(tmp_path / "m")))

@@ -1022,6 +1022,16 @@ def test_gpu_out_of_memory_says_what_ran_and_what_to_change(tmp_path, tiny_model
     assert isinstance(caught.value.__cause__, torch.OutOfMemoryError)
 
 
+def test_a_finished_training_leaves_no_model_in_memory(tmp_path, tiny_model_dir, model_release_watch):
+    """JupyterLab keeps notebook 02's kernel alive: the trained model must be garbage when `train` returns, so that
+    its GPU memory goes back for notebooks 04 and 05 (models.release_gpu_memory)."""
+    import ironman_nb.train as train_module
+
+    model_release_watch.watch(train_module)
+    train(tiny_cfg(tmp_path, tiny_model_dir, max_steps=2, eval_steps=1))
+    assert len(model_release_watch.loaded) == 1 and model_release_watch.alive == [0]
+
+
 def test_resume_options(tmp_path):
     assert find_resume_checkpoint(tmp_path / "none", "auto") is None
     assert find_resume_checkpoint(tmp_path, "never") is None
