@@ -93,6 +93,11 @@ def run_launched(cfg: TrainConfig, precision: str, echo=print):
     if code != 0:
         cause = f"\ncause: {errors[0]}" if errors else ""
         raise LaunchFailed(f"{cfg.launcher} exited with code {code}{cause}\nlast lines of its log:\n" + "\n".join(tail))
+    if cfg.machine_rank > 0:
+        # Global rank 0, on machine 0, writes the adapter, trainer_state.json and run_config.json; a run_config.json
+        # here would be an earlier run's (or, on a shared disk, one machine 0 may still be writing).
+        note = f"machine_rank {cfg.machine_rank} took part; machine_rank 0 writes the adapter to its {output_dir}"
+        return TrainResult(output_dir, {"config": cfg.to_dict(), "resolved": {}, "result": {"note": note}}, [])
     run_config = read_json(output_dir / "run_config.json", "run_config.json")
     history = read_json(output_dir / "trainer_state.json", "trainer_state.json")["log_history"]
     return TrainResult(output_dir, run_config, history)

@@ -56,6 +56,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("06_push_to_hub", PushConfig, lambda run: {"model_dir": str(run / "merged")}),
 )
 
+STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
+
 # Parameters holding a path: a relative value given on the command line or in a params file is taken
 # relative to where the runner was started, not to notebooks/ where the kernels run.
 PATH_PARAMS = ("input_path", "data_dir", "output_dir", "trainer_state", "adapter_dir", "model_dir", "prompts_path", "eval_data",
@@ -206,6 +208,12 @@ def run(profile: str = "quick", params_file: str | None = None, run_dir: str | N
         status["stages"] = json.loads(status_path.read_text(encoding="utf-8")).get("stages", {})
     for stage in STAGES:
         output = run_path / f"{stage.name}.ipynb"
+        elsewhere = runs_on_machine_zero(stage, per_stage)
+        if elsewhere:
+            status["stages"][stage.name] = {"status": "skipped", "reason": elsewhere}
+            atomic_write_json(status_path, status)
+            print(f"[ironman_nb] {stage.name} skipped: {elsewhere}", flush=True)
+            continue
         stage_fingerprint = fingerprint(stage, per_stage[stage.name])
         previous = status["stages"].get(stage.name, {})
         if (not force and previous.get("status") == "done" and previous.get("fingerprint") == stage_fingerprint
@@ -237,6 +245,16 @@ def run(profile: str = "quick", params_file: str | None = None, run_dir: str | N
         atomic_write_json(status_path, status)
         print(f"[ironman_nb] {stage.name} done in {entry['seconds']} s → {output}", flush=True)
     return run_path
+
+
+def runs_on_machine_zero(stage: Stage, per_stage: dict[str, dict]) -> str | None:
+    """Why `stage` does not run here, on a machine other than machine_rank 0 of a several-machine training (None
+    where it runs): such a machine only takes part in the training, whose adapter machine 0 writes."""
+    rank = per_stage["02_train_lora"].get("machine_rank", 0)
+    if rank and STAGES.index(stage) > STAGES.index(STAGE_BY_NAME["02_train_lora"]):
+        return (f"this machine (machine_rank {rank}) took part in the training; the adapter is written on "
+                "machine_rank 0, where this and the later stages run")
+    return None
 
 
 class StageFailed(RuntimeError):

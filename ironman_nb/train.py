@@ -1002,7 +1002,9 @@ class TrainResult:
 
         r = self.run_config["result"]
         keys = ("global_step", "train_loss", "eval_loss_before", "eval_loss_after", "train_runtime_s", "tokens_per_second")
-        return pd.DataFrame([(k, r.get(k)) for k in keys], columns=["item", "value"]).set_index("item")
+        # A machine other than machine_rank 0 of a several-machine run has only a note (launch.run_launched).
+        rows = [("note", r["note"])] if "note" in r else [(k, r.get(k)) for k in keys]
+        return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")
 
     def resolved(self):
         import pandas as pd
@@ -1012,7 +1014,7 @@ class TrainResult:
                 "accumulation_steps", "padding_free", "shared_prefix", "liger_kernel", "fused_lora",
                 "cudnn_attention", "torch_compile", "compile_memory_budget", "attn_implementation", "base_model_path",
                 "end_of_turn_token", "train_samples", "eval_samples", "resumed_from")
-        rows = [(k, str(r.get(k))) for k in keys] + [("output_dir", str(self.output_dir))]
+        rows = [(k, str(r[k])) for k in keys if k in r] + [("output_dir", str(self.output_dir))]
         return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")
 
 

@@ -98,6 +98,24 @@ def test_a_failing_launch_reports_code_and_log_tail(tmp_path, tiny_model_dir):
         train(cfg)
 
 
+def test_a_second_machine_reports_its_part_without_reading_a_run_config(tmp_path, monkeypatch):
+    """Machine 0 writes run_config.json; one found on machine 1 is an earlier run's (or, on a shared disk, being
+    written): the result says where the adapter is instead."""
+    import ironman_nb.launch as launch_module
+    from ironman_nb.train import train
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "run_config.json").write_text('{"result": {"global_step": 999}}')  # an earlier run's
+    monkeypatch.setattr(launch_module, "launch_command", lambda *a: [sys.executable, "-c", "print('joined')"])
+    cfg = TrainConfig(data_dir=str(tmp_path / "data"), output_dir=str(out), launcher="accelerate", num_processes=8,
+                      num_machines=2, machine_rank=1, main_process_ip="10.0.0.1")
+    result = train(cfg)
+    assert result.summary()["value"].tolist() == [
+        f"machine_rank 1 took part; machine_rank 0 writes the adapter to its {out.resolve()}"]
+    assert result.resolved()["value"].tolist() == [str(out)]
+
+
 def test_deepspeed_zero3_launch_saves_a_whole_adapter(tmp_path, tiny_model_dir):
     """The `deepspeed` launcher with the shipped ZeRO-3 config (one CPU process): the adapter comes out whole."""
     pytest.importorskip("deepspeed")

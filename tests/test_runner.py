@@ -1,5 +1,6 @@
 """The runner's checks before any kernel starts, and the notebooks' shape."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +86,23 @@ def test_stages_are_wired_through_the_run_folder(tmp_path):
     assert per_stage["01_prepare_data"]["seed"] == 3 and per_stage["02_train_lora"]["seed"] == 3
     assert per_stage["02_train_lora"]["data_dir"] == per_stage["01_prepare_data"]["output_dir"]
     assert per_stage["03_plot_training"]["trainer_state"] == str(tmp_path / "adapter" / "trainer_state.json")
+
+
+def test_a_second_machine_trains_and_leaves_the_later_stages_to_machine_zero(tmp_path, monkeypatch, capsys):
+    """The README's two-machine run: the same command on both machines, machine_rank 0 and 1. Machine 1 prepares
+    its data and joins the training; plotting, merging, comparing and uploading happen on machine 0, which holds
+    the adapter."""
+    import papermill
+
+    executed = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda notebook, output, **k: executed.append(Path(notebook).stem))
+    cluster = {"launcher": "deepspeed", "num_processes": 8, "num_machines": 2, "main_process_ip": "10.0.0.1"}
+    run("quick", run_dir=str(tmp_path / "m1"), overrides={**cluster, "machine_rank": 1})
+    assert executed == ["01_prepare_data", "02_train_lora"]
+    stages = json.loads((tmp_path / "m1" / "status.json").read_text(encoding="utf-8"))["stages"]
+    assert [stages[name]["status"] for name in sorted(stages)] == ["done", "done"] + ["skipped"] * 4
+    assert "machine_rank 1" in stages["04_merge_lora"]["reason"]
+    assert "04_merge_lora skipped: this machine (machine_rank 1) took part in the training" in capsys.readouterr().out
+    executed.clear()
+    run("quick", run_dir=str(tmp_path / "m0"), overrides={**cluster, "machine_rank": 0})
+    assert executed == [stage.name for stage in STAGES]
