@@ -117,11 +117,15 @@ def resolve_model_path(base_model: str) -> str:
 
 def _not_found(base_model: str, err: Exception) -> ModelNotFoundError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    advice = (f"Give a local folder, check the id and your network or `hf auth login`, "
+              f"or use the embedded default {EMBEDDED_MODEL!r}.")
+    if "gated repo" in str(err):  # Llama-3, Gemma: the license must be accepted on the Hub first
+        advice = (f"The model is gated: accept its terms at https://huggingface.co/{base_model} with your Hub account, "
+                  "and give that account's token through the HF_TOKEN environment variable or `hf auth login`.")
     return ModelNotFoundError(
         f"base_model {base_model!r} is not a local model folder and could not be loaded from the Hub"
         f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
-        f"Give a local folder, check the id and your network or `hf auth login`, "
-        f"or use the embedded default {EMBEDDED_MODEL!r}."
+        + advice
     )
 
 

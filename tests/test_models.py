@@ -110,6 +110,22 @@ def test_chat_template_without_system_turn_gets_the_persona_at_the_start_of_the_
     assert load_tokenizer(str(tmp_path / "saved")).chat_template == loaded.chat_template
 
 
+def test_a_gated_model_says_to_accept_its_terms_and_give_a_token(monkeypatch):
+    from transformers import AutoTokenizer
+
+    def gated(path, **kwargs):  # transformers' message for a gated repo without access (utils/hub.py)
+        raise OSError("You are trying to access a gated repo.\nMake sure to have access to it at "
+                      f"https://huggingface.co/{path}.\n401 Client Error.")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", gated)
+    with pytest.raises(ModelNotFoundError) as caught:
+        load_tokenizer("meta-llama/Meta-Llama-3-8B-Instruct")
+    assert str(caught.value).endswith(
+        "OSError: You are trying to access a gated repo.\nThe model is gated: accept its terms at "
+        "https://huggingface.co/meta-llama/Meta-Llama-3-8B-Instruct with your Hub account, and give that account's "
+        "token through the HF_TOKEN environment variable or `hf auth login`.")
+
+
 def test_unknown_model_offline_gets_one_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError, match=r"base_model 'no-such-org/no-such-model' is not a local model folder(.|\n)*embedded"):
