@@ -272,7 +272,7 @@ def _run_once(name: str, args: BenchArgs, device: str, precision: str, records: 
         precision = "fp32"
     scratch = Path(args.scratch) if args.scratch else None
     model, tokenizer = load_bench_model(args.model, device, precision, args.tokenizer, args.quantization, scratch)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = model.num_parameters()  # a 4-bit layer's packed weight counts as its full size here
     total_steps = args.warmup + args.steps + (1 if args.profile else 0)
     timer = _step_timer(args.warmup, args.steps, device, args.profile)
     cfg = TrainConfig(base_model=args.model if args.model not in SHAPES else EMBEDDED_MODEL, max_steps=total_steps,

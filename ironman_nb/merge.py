@@ -30,8 +30,12 @@ from .models import (
     torch_dtype,
 )
 
-# Largest |logit difference| accepted between the merged model and base+adapter, by compute precision.
+# Largest |logit difference| accepted between the merged model and base+adapter, by compute precision: a fixed
+# part, plus a share of the largest |logit|, since in 16 bits rounding grows with the values (bf16 keeps 8
+# significant bits: logits of 32-64 only to 0.25). A correct bf16 merge of a small Qwen2-shaped model differed
+# by 0.375 at logits up to 26 and by 1.0 at up to 78 (tests/test_merge.py).
 LOGIT_TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "fp16": 0.1}
+RELATIVE_LOGIT_TOLERANCE = {"fp32": 0.0, "bf16": 2**-5, "fp16": 2**-8}
 PROBE_PROMPT = "토니, 아크 원자로가 뭔지 한 문장으로 설명해 줘."
 MERGE_INFO = "ironman_nb.json"
 # Room for the tokenizer, configs and the info file beside the weights.
@@ -51,6 +55,11 @@ def persona_chat_template(template: str, system_prompt: str) -> str:
         "{%- endif -%}"
     )
     return prefix + template
+
+
+def probe_tolerance(reference_logits, compute: str) -> float:
+    """The largest |logit difference| accepted on the probe prompt, for logits like `reference_logits`."""
+    return LOGIT_TOLERANCE[compute] + RELATIVE_LOGIT_TOLERANCE[compute] * float(reference_logits.abs().max())
 
 
 def check_adapter_base(adapter_dir: Path, base_model: str) -> str:
@@ -148,7 +157,7 @@ def merge(cfg: MergeConfig) -> MergeResult:
             "the merged weights equal the base weights: the adapter is a no-op (was it trained? lora B starts at zero)"
         )
     max_diff = float((merged_logits - adapter_logits).abs().max())
-    tolerance = LOGIT_TOLERANCE[compute]
+    tolerance = probe_tolerance(adapter_logits, compute)
     if not max_diff <= tolerance:
         raise MergeError(
             f"merged logits differ from base+adapter by {max_diff:.3g} on the probe prompt (tolerance {tolerance} in {compute})"
@@ -165,7 +174,7 @@ def merge(cfg: MergeConfig) -> MergeResult:
         "adapter base": f"{trained_on} (matches base_model)",
         "adapter tensors finite": f"{adapter_tensors} tensors",
         "merged weights differ from base": f"{len(changed)}/{len(watched)} watched layers changed",
-        "max |Δ logit| merged vs base+adapter": f"{max_diff:.2e} ≤ {tolerance} ({compute})",
+        "max |Δ logit| merged vs base+adapter": f"{max_diff:.2e} ≤ {tolerance:.3g} ({compute})",
         "end-of-turn token": eot,
         "saved dtype": save_dtype,
     }

@@ -264,7 +264,9 @@ def resolve_precision(precision: str, device: str) -> str:
     if device == "cuda":
         import torch
 
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # Without including_emulation=False torch answers yes on any CUDA card: bf16 is emulated below compute
+        # capability 8 (T4, V100, RTX 20xx), slowly, and vLLM refuses it there.
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if device == "cpu" and cpu_has_native_bf16():
         return "bf16"
     return "fp32"
@@ -290,8 +292,11 @@ def attention_implementation(device: str, precision: str = "fp32", model_type: s
     9 query and 3 key/value heads) took 40 ms with sdpa's CPU flash kernel and 16 ms as two bf16 matmuls; in
     fp32 the flash kernel was as fast, so fp32 keeps sdpa.
     """
-    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
+    if device == "cuda" and precision in ("bf16", "fp16") and importlib.util.find_spec("flash_attn") is not None:
+        import torch
+
+        if torch.cuda.get_device_capability()[0] >= 8:  # flash-attn 2 runs on Ampere and newer, in 16 bits only
+            return "flash_attention_2"
     if device == "cpu" and precision == "bf16" and model_type in PLAIN_ATTENTION_MODEL_TYPES:
         register_grouped_matmul_attention()
         return GROUPED_MATMUL
@@ -481,8 +486,8 @@ def load_model(base_model: str, precision: str = "fp32", device: str = "cpu", qu
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(base_model)
-    # fp16 training keeps fp32 master weights (the AMP grad scaler needs them); bf16 and fp32 load as is.
-    load_precision = "fp32" if precision == "fp16" else precision
+    # Loaded in the precision it computes in, fp16 too: the AMP grad scaler needs fp32 only for trained weights,
+    # and peft keeps the LoRA weights in fp32 (a 7B base in fp32 would not fit a 16 or 24 GB card).
     extra = {}
     if quantization == "4bit":
         if importlib.util.find_spec("bitsandbytes") is None:
@@ -492,10 +497,11 @@ def load_model(base_model: str, precision: str = "fp32", device: str = "cpu", qu
 
         extra = {"quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch_dtype(load_precision)), "device_map": {"": device if device != "cuda" else torch.cuda.current_device()}}
+            bnb_4bit_compute_dtype=torch_dtype(precision)), "device_map": {"": device if device != "cuda" else torch.cuda.current_device()}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype(load_precision), attn_implementation=attention_implementation(device), **extra
+            path, dtype=torch_dtype(precision), attn_implementation=attention_implementation(device, precision),
+            **extra
         )
     except (OSError, ValueError) as err:
         if "does not appear to have" in str(err) or "not a valid model identifier" in str(err) or isinstance(err, OSError):

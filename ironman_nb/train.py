@@ -117,8 +117,8 @@ def estimate_training_memory(model_config, weight_bytes: int, precision: str, to
     """MemoryEstimate for a batch of `tokens` positions (with a shared prefix: the samples' suffixes) and a
     shared prefix of `prefix_tokens` run once for the batch; None for an architecture it does not know.
 
-    `weight_bytes`: the loaded model's parameters as they are stored (fp16 training keeps fp32 weights for the
-    grad scaler, so its weights take 4 bytes each while its activations take 2). `mlp_kept`: the MLP's
+    `weight_bytes`: the loaded model's parameters as they are stored (a 4-bit base: packed; the activations take
+    the bytes of `precision`). `mlp_kept`: the MLP's
     intermediate-sized tensors each layer keeps per token (4 eager; fewer compiled, COMPILE_MEMORY_BUDGETS)."""
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     hidden, layers = getattr(text, "hidden_size", None), getattr(text, "num_hidden_layers", None)
@@ -913,7 +913,9 @@ def _nonfinite_stop_callback():
             self.bad: dict | None = None
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            for key in ("loss", "grad_norm"):
+            # In fp16 a non-finite grad norm with a finite loss is the grad scaler's overflow: that step is skipped
+            # and the scale halved, as designed (at the start and whenever the scale grows).
+            for key in ("loss",) if args.fp16 else ("loss", "grad_norm"):
                 value = (logs or {}).get(key)
                 if value is not None and not math.isfinite(value):
                     self.bad = {"step": state.global_step, key: value}
@@ -1102,9 +1104,9 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
         raise DataError(f"{cfg.data_dir}/train.jsonl: no sample has an answer within max_length={cfg.max_length} tokens")
     eval_ds = build_dataset(eval_records, tokenizer, cfg.max_length, cfg.max_eval_samples) if eval_records else None
 
+    select_local_gpu()  # first: asking the GPU anything (its bf16 support) would open a context on GPU 0
     device = resolve_device()
     precision = resolve_precision(cfg.precision, device)
-    select_local_gpu()
     if model is None:
         model = load_model(cfg.base_model, precision, device, cfg.quantization)
     if device == "cuda" and not cfg.max_memory_gib:
@@ -1217,6 +1219,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         resume_from = find_resume_checkpoint(checkpoint_dir, cfg.resume)
         do_eval = setup.eval_samples > 0
         tokenizer = trainer.processing_class
+        if torch.cuda.is_available():  # peak_gpu_memory_gib is this training's, not the kernel's lifetime peak
+            torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         with _sigterm_sets(setup.on_terminate):
             try:

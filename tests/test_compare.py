@@ -57,6 +57,30 @@ def test_nll_counts_only_the_answer(tiny):
     assert pair[1][1] > count
 
 
+def test_nll_equals_cross_entropy_over_full_logits(tiny):
+    """Logits only at the answer positions, the log-softmax in chunks: the same numbers as the plain way."""
+    import torch
+    import torch.nn.functional as F
+
+    from ironman_nb.data import tokenize_conversation
+
+    model, tokenizer = tiny
+    records = [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": q},
+                             {"role": "assistant", "content": a}]}
+               for q, a in [("q", "토니야."), ("슈트는?", "마크 85까지 만들었지. 다음은 더 멋질 거야."), ("hi", "안녕.")]]
+    expected = []
+    for record in records:
+        encoded = tokenize_conversation(tokenizer, record["messages"])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([encoded["input_ids"]]), use_cache=False).logits[0, :-1].float()
+        targets = torch.tensor(encoded["labels"][1:])
+        expected.append((float(F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")),
+                         int((targets != -100).sum())))
+    got = assistant_nll(model, tokenizer, records, batch_size=2)
+    assert [count for _, count in got] == [count for _, count in expected]
+    assert [total for total, _ in got] == pytest.approx([total for total, _ in expected], rel=1e-5)
+
+
 def test_answer_statistics_on_hand_made_answers():
     tony = answer_stats("나는 토니 스타크야. 슈트는 오늘도 완벽해.", ended=True)
     assert tony == {"ended_with_eot": True, "hangul_share": 1.0, "has_han": False, "persona_break": False,
@@ -148,12 +172,18 @@ def test_vllm_path_uses_the_chat_template_greedy_and_the_stop_tokens(monkeypatch
     (model_dir / "config.json").write_text("{}")
     answers = generate_answers_vllm(str(model_dir), tokenizer, ["누구야?", "길게 말해"], DEFAULT_SYSTEM_PROMPT, 32, "bf16")
     assert answers == [("나야, 토니.", True), ("끝까지 못 했", False)]
-    assert calls["params"] == {"temperature": 0.0, "max_tokens": 32, "stop_token_ids": [2]}
+    # No generation_config.json: no repetition penalty, as transformers' generate would use none.
+    assert calls["params"] == {"temperature": 0.0, "max_tokens": 32, "stop_token_ids": [2], "repetition_penalty": 1.0}
     assert calls["engine"]["dtype"] == "bfloat16" and calls["engine"]["enable_prefix_caching"] is True
     assert calls["engine"]["gpu_memory_utilization"] == pytest.approx(0.9 * 30 / 80, abs=1e-3)
-    assert calls["texts"][0] == tokenizer.apply_chat_template(
+    # Token ids, not text: vLLM adds no second BOS to them (it would to the text of a template that starts with one).
+    assert calls["texts"][0] == {"prompt_token_ids": tokenizer.apply_chat_template(
         [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": "누구야?"}],
-        tokenize=False, add_generation_prompt=True)
+        tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]}
+    # The model's own repetition penalty, which transformers' generate applies by itself (Qwen2-Instruct: 1.05).
+    (model_dir / "generation_config.json").write_text('{"repetition_penalty": 1.05}')
+    generate_answers_vllm(str(model_dir), tokenizer, ["누구야?", "길게 말해"], DEFAULT_SYSTEM_PROMPT, 32, "bf16")
+    assert calls["params"]["repetition_penalty"] == 1.05
 
 
 @pytest.mark.parametrize("device, cudnn_attention", [("cuda", False), ("cuda", True), ("cpu", False)])
@@ -216,3 +246,14 @@ def test_a_failing_vllm_falls_back_to_transformers_generation(monkeypatch, token
     assert answers == [("나야, 토니.", True)]
     assert ("vLLM could not generate with base (RuntimeError: Engine core initialization failed. See root cause "
             "above.); generating with transformers instead") in caplog.text
+
+
+def test_vllm_answers_without_held_out_data_load_no_second_copy(monkeypatch, tokenizer):
+    """With eval_data "" there is nothing to score after vLLM answered: the transformers model is not loaded."""
+    import ironman_nb.compare as compare_module
+
+    monkeypatch.setattr(compare_module, "vllm_available", lambda device: True)
+    monkeypatch.setattr(compare_module, "load_tokenizer", lambda name: tokenizer)
+    monkeypatch.setattr(compare_module, "generate_answers_vllm", lambda *args: [("나야, 토니.", True)])
+    monkeypatch.setattr(compare_module, "load_model", lambda *args: pytest.fail("loaded a second copy"))
+    assert compare_module._side("base", ["누구야?"], [], CompareConfig(), "cuda", "bf16") == ([("나야, 토니.", True)], [])

@@ -6,7 +6,7 @@ import pytest
 from conftest import write_chat_data
 from ironman_nb.config import DEFAULT_SYSTEM_PROMPT, MergeConfig, TrainConfig
 from ironman_nb.data import chat_messages
-from ironman_nb.merge import MergeError, merge, persona_chat_template
+from ironman_nb.merge import LOGIT_TOLERANCE, MergeError, merge, persona_chat_template, probe_tolerance
 from ironman_nb.train import train
 
 
@@ -144,3 +144,40 @@ def test_persona_template_adds_the_default_system_message(tokenizer):
     assert text.startswith('<|im_start|>system\n따옴표 "와 줄바꿈\n도 안전<|im_end|>')
     own = tok.apply_chat_template([{"role": "system", "content": "다른 시스템"}, {"role": "user", "content": "hi"}], tokenize=False)
     assert own.startswith("<|im_start|>system\n다른 시스템<|im_end|>") and "따옴표" not in own
+
+
+@pytest.mark.parametrize("head_scale", [20, 60])
+def test_a_correct_bf16_merge_passes_the_probe_and_a_wrong_one_fails(head_scale):
+    """In bf16 (a GPU's merge) rounding grows with the logits: a correct merge of a Qwen2-shaped model whose logits
+    reach 26 or 78 differs from base+adapter by more than a fixed 0.25, but within the tolerance that grows with
+    them; the adapter merged twice does not pass."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("qwen2", hidden_size=256, intermediate_size=704, num_hidden_layers=8,
+                                  num_attention_heads=8, num_key_value_heads=2, vocab_size=4096,
+                                  tie_word_embeddings=False)
+    base = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(head_scale)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.02)
+    model.eval()
+    ids = torch.randint(0, 4096, (1, 40))
+    with torch.no_grad():
+        adapter_logits = model(input_ids=ids).logits.float()
+        deltas = {name: module.get_delta_weight("default") for name, module in model.named_modules()
+                  if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")}
+        merged = model.merge_and_unload()
+        merged_logits = merged(input_ids=ids).logits.float()
+        difference = float((merged_logits - adapter_logits).abs().max())
+        assert LOGIT_TOLERANCE["bf16"] < difference <= probe_tolerance(adapter_logits, "bf16")
+        for name, delta in deltas.items():  # merged twice
+            merged.get_submodule(name.replace("base_model.model.", "", 1)).weight += delta
+        twice = float((merged(input_ids=ids).logits.float() - adapter_logits).abs().max())
+    assert twice > probe_tolerance(adapter_logits, "bf16")

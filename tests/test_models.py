@@ -175,6 +175,36 @@ def test_precision_follows_the_device(monkeypatch):
     assert resolve_precision("auto", "mps") == "fp32"
 
 
+@pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_gpus_without_native_bf16_train_in_fp16(monkeypatch, capability, expected):
+    """torch says bf16 is supported on any CUDA card unless asked without emulation: a T4 (7.5) would emulate it."""
+    import torch
+
+    def is_bf16_supported(including_emulation=True):
+        return including_emulation or capability >= (8, 0)
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert resolve_precision("auto", "cuda") == expected
+
+
+@pytest.mark.parametrize("capability, precision, expected", [
+    ((9, 0), "bf16", "flash_attention_2"), ((8, 0), "fp16", "flash_attention_2"),
+    ((7, 5), "fp16", "sdpa"),  # a T4: flash-attn 2 runs on Ampere and newer only
+    ((9, 0), "fp32", "sdpa"),  # flash-attn has no fp32 kernels
+])
+def test_flash_attention_only_where_its_kernels_run(monkeypatch, capability, precision, expected):
+    import importlib.util
+
+    import torch
+
+    from ironman_nb.models import attention_implementation
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    assert attention_implementation("cuda", precision, "qwen2") == expected
+
+
 def test_attention_implementation_follows_device_precision_and_model_type():
     from ironman_nb.models import attention_implementation
 

@@ -823,8 +823,8 @@ def test_checkpointed_layers_are_spread_evenly():
 
 
 def test_memory_estimate_counts_the_weights_as_loaded(tmp_path, tiny_model_dir, monkeypatch):
-    """fp16 training keeps fp32 weights (for the grad scaler): the estimate counts 4 bytes per weight there,
-    2 per activation element."""
+    """fp16 training loads the base in fp16 (the grad scaler needs fp32 only for the LoRA weights, which peft
+    keeps in fp32): the estimate counts 2 bytes per weight and 2 per activation element."""
     import ironman_nb.train as train_module
 
     class Captured(Exception):
@@ -840,7 +840,7 @@ def test_memory_estimate_counts_the_weights_as_loaded(tmp_path, tiny_model_dir, 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
-    assert memory.weights == 4 * sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    assert memory.weights == 2 * sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     tokens = memory.logits // (4 * config.vocab_size)
     assert memory.layer_input == tokens * config.hidden_size * 2
 
@@ -1044,14 +1044,36 @@ def test_non_finite_loss_stops_training():
 
     from ironman_nb.train import _nonfinite_stop_callback
 
+    from types import SimpleNamespace
+
+    bf16, fp16 = SimpleNamespace(fp16=False), SimpleNamespace(fp16=True)
     callback = _nonfinite_stop_callback()
     state = TrainerState()
     state.global_step = 3
-    control = callback.on_log(None, state, TrainerControl(), logs={"loss": 1.0, "grad_norm": 0.5})
+    control = callback.on_log(bf16, state, TrainerControl(), logs={"loss": 1.0, "grad_norm": 0.5})
     assert not control.should_training_stop
-    control = callback.on_log(None, state, TrainerControl(), logs={"loss": float("nan"), "grad_norm": 0.5})
+    control = callback.on_log(bf16, state, TrainerControl(), logs={"loss": float("nan"), "grad_norm": 0.5})
     assert control.should_training_stop and not control.should_save
     assert callback.bad["step"] == 3 and math.isnan(callback.bad["loss"])
+    diverged = _nonfinite_stop_callback()
+    assert diverged.on_log(bf16, state, TrainerControl(), logs={"loss": 1.0, "grad_norm": float("inf")}).should_training_stop
+
+
+def test_fp16_grad_scaler_overflow_does_not_stop_training():
+    """In fp16 the grad scaler skips a step whose gradients overflow (grad norm inf or nan) and halves its scale:
+    that happens in the first steps and each time the scale grows. Only a non-finite loss means divergence."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from ironman_nb.train import _nonfinite_stop_callback
+
+    fp16 = SimpleNamespace(fp16=True)
+    callback = _nonfinite_stop_callback()
+    for value in (float("inf"), float("nan")):
+        control = callback.on_log(fp16, TrainerState(), TrainerControl(), logs={"loss": 2.3, "grad_norm": value})
+        assert not control.should_training_stop and callback.bad is None
+    assert callback.on_log(fp16, TrainerState(), TrainerControl(), logs={"loss": float("nan")}).should_training_stop
 
 
 def test_missing_data_names_the_notebook(tmp_path, tiny_model_dir):
