@@ -1,6 +1,6 @@
 """Speed benchmarks, measured side by side in one command (each training run in its own process).
 
-    python -m ironman_nb.bench train    [--model embedded|qwen2-7b|llama3-8b|PATH] [--steps 2] [--batch 4]
+    python -m ironman_nb.bench train    [--model embedded:SmolLM2-135M-Instruct|qwen2-7b|llama3-8b|PATH|HUB_ID] [--steps 2] [--batch 4]
                                         [--accum 4] [--rounds 2] [--configs ...]
                                         [--quantization 4bit] ...
     python -m ironman_nb.bench generate [--model ...] [--prompts N] [--new-tokens N] [--batch N]

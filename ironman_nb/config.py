@@ -66,8 +66,8 @@ def _check_type(name: str, value: Any, tp: Any) -> str | None:
         if not isinstance(value, str):
             hint = ""
             if isinstance(value, (int, float)):
-                # papermill's `-p name 1234` types the value as a number; `-r name 1234` keeps it a string.
-                hint = f"; papermill read it as a number: pass it with -r {name} {value} or quote it in YAML"
+                # `-p name 1234` types the value as a number (the runner's and papermill's); `-r` keeps it a string.
+                hint = f"; it was read as a number: pass it with -r {name} {value} or quote it in a YAML file"
             return f"must be a string (got {type(value).__name__} {value!r}){hint}"
         return None
     return None

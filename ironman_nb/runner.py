@@ -1,6 +1,6 @@
 """Run the notebooks in order with papermill into one run folder.
 
-    python -m ironman_nb run [--profile quick|full] [--params FILE.yaml] [--run-dir DIR]
+    python -m ironman_nb run [--profile quick|full|gpu24gb] [--params FILE.yaml] [--run-dir DIR]
 
 Parameters are checked against each stage's config before any kernel starts (papermill itself only
 warns about unknown names). Each stage's status lands in <run>/status.json.
@@ -267,12 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ironman_nb")
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="run the notebooks in order with papermill")
-    run_p.add_argument("--profile", default="quick", help="configs/<profile>.yaml (quick or full)")
+    run_p.add_argument("--profile", default="quick", help="configs/<profile>.yaml (quick, full or gpu24gb)")
     run_p.add_argument("--params", help="YAML file of parameters: shared names, or per-notebook sections")
     run_p.add_argument("--run-dir", help="run folder (default runs/<time>-<profile>)")
     run_p.add_argument("--force", action="store_true", help="re-run every stage, even those done with the same inputs")
     run_p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
-                       help="one parameter; VALUE is read as YAML (quote strings that look like numbers)")
+                       help="one parameter; VALUE is read as YAML (1234 is a number, true a boolean)")
+    run_p.add_argument("-r", "--raw-param", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
+                       help="one parameter whose VALUE is kept as a string, as papermill's -r (e.g. -r repo_id 1234)")
     ns = parser.parse_args(argv)
     import logging
 
@@ -284,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("papermill").setLevel(logging.INFO)
 
     overrides = {name: yaml.safe_load(value) for name, value in ns.param}
+    overrides.update(dict(ns.raw_param))
     try:
         run_path = run(ns.profile, ns.params, ns.run_dir, overrides, force=ns.force)
     except (ConfigError, StageFailed) as err:

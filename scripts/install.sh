@@ -2,7 +2,8 @@
 # Create or update the project's virtual environment.
 # - On a GPU pod whose Python already has a CUDA build of PyTorch, the venv sees that torch
 #   (--system-site-packages) and nothing reinstalls it.
-# - Elsewhere, install the CPU build torch==2.13.0 (an unpinned `torch` would pull a multi-GB CUDA build).
+# - Elsewhere, install torch==2.13.0, the CPU build from PyTorch's CPU index where it is reachable (PyPI's
+#   Linux wheel, like an unpinned `torch`, is a multi-GB CUDA build).
 set -euo pipefail
 venv=${1:-.venv}
 python=${PYTHON:-python3}
@@ -17,8 +18,18 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
-  echo "[install] installing torch==2.13.0 (CPU build)"
-  "${pip[@]}" install torch==2.13.0
+  # PyPI's Linux torch wheels are CUDA builds (GBs of nvidia-* packages). PyTorch's CPU index has the CPU build;
+  # given as an extra index it wins where reachable (2.13.0+cpu sorts above 2.13.0), and the rest still comes
+  # from the usual index. Where it is not reachable (a machine with its own wheel mirror), the usual index.
+  cpu_index=https://download.pytorch.org/whl/cpu
+  if "$venv/bin/python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/torch/", timeout=10)' \
+      "$cpu_index" 2>/dev/null; then
+    echo "[install] installing torch==2.13.0 (CPU build, from $cpu_index)"
+    "${pip[@]}" install torch==2.13.0 --extra-index-url "$cpu_index"
+  else
+    echo "[install] installing torch==2.13.0 from the configured package index ($cpu_index not reachable)"
+    "${pip[@]}" install torch==2.13.0
+  fi
 fi
 echo "[install] installing requirements.txt"
 "${pip[@]}" install -r requirements.txt -r requirements-dev.txt

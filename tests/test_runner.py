@@ -55,6 +55,20 @@ def test_cli_reports_refused_parameters_with_exit_code_2(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_the_flag_the_refusal_names_keeps_a_number_like_value_a_string(tmp_path, monkeypatch, capsys):
+    """An XLSX sheet named 2024: `-p sheet 2024` is refused as a number and the refusal says "pass it with
+    -r sheet 2024"; the runner takes that flag and the value arrives as text."""
+    import papermill
+
+    assert main(["run", "--run-dir", str(tmp_path / "r"), "-p", "sheet", "2024"]) == 2
+    assert "pass it with -r sheet 2024" in capsys.readouterr().err
+    received = {}
+    monkeypatch.setattr(papermill, "execute_notebook",
+                        lambda notebook, output, parameters, **k: received.update({Path(notebook).stem: parameters}))
+    assert main(["run", "--run-dir", str(tmp_path / "r"), "-r", "sheet", "2024"]) == 0
+    assert received["01_prepare_data"]["sheet"] == "2024"
+
+
 def test_out_of_range_values_in_a_params_file_are_refused(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("02_train_lora:\n  lora_dropout: 2.0\n")
