@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import CompareConfig, ConfigError, MergeConfig, PlotConfig, PrepareConfig, PushConfig, StageConfig, TrainConfig
+from .data import URL_LIKE
 from .io import atomic_write_json
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -104,7 +105,8 @@ def _absolute_paths(params: dict[str, Any], base: Path) -> dict[str, Any]:
     out = dict(params)
     for key in PATH_PARAMS:
         value = out.get(key)
-        if isinstance(value, str) and value and not value.startswith(("http://", "https://")) and not Path(value).is_absolute():
+        # Links stay as given, a Google Sheets link without its https:// too (data.read_sheet reads it).
+        if (isinstance(value, str) and value and not URL_LIKE.match(value.strip()) and not Path(value).is_absolute()):
             out[key] = str((base / value).resolve())
     for key in ("base_model", "tuned_model"):  # a model is a Hub id unless a folder of that name exists here
         value = out.get(key)

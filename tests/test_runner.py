@@ -93,6 +93,12 @@ def test_unquoted_on_off_in_yaml_mean_the_words(tmp_path):
     assert any("lora_target: must be a string" in p for p in problems)  # only the on/off fields
 
 
+def test_links_are_not_taken_for_paths(tmp_path):
+    for link in ("docs.google.com/spreadsheets/d/abc123/edit#gid=5", "https://docs.google.com/spreadsheets/d/abc123"):
+        per_stage, problems = stage_params({"input_path": link}, tmp_path, tmp_path)
+        assert problems == [] and per_stage["01_prepare_data"]["input_path"] == link
+
+
 def test_stages_are_wired_through_the_run_folder(tmp_path):
     per_stage, problems = stage_params({"seed": 3, "input_path": "my.csv"}, tmp_path, tmp_path)
     assert problems == []
