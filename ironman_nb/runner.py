@@ -33,6 +33,8 @@ class Stage:
     config: type[StageConfig]
     # run folder -> the parameters that connect this stage to the others
     wiring: Callable[[Path], dict[str, str]]
+    # run folder -> files or folders it reads that no parameter names (they count in its fingerprint)
+    also_reads: Callable[[Path], tuple[Path, ...]] = lambda run: ()
 
     @property
     def notebook(self) -> Path:
@@ -54,7 +56,9 @@ STAGES: tuple[Stage, ...] = (
         lambda run: {"tuned_model": str(run / "merged"), "eval_data": str(run / "data" / "eval.jsonl"),
                      "output_dir": str(run / "compare")},
     ),
-    Stage("06_push_to_hub", PushConfig, lambda run: {"model_dir": str(run / "merged")}),
+    # The model card takes the comparison, the charts and the training configuration from the run folder.
+    Stage("06_push_to_hub", PushConfig, lambda run: {"model_dir": str(run / "merged")},
+          also_reads=lambda run: (run / "compare", run / "plots", run / "adapter" / "run_config.json")),
 )
 
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
@@ -170,7 +174,7 @@ def _input_state(value: str) -> list:
     return entries
 
 
-def fingerprint(stage: Stage, params: dict[str, Any]) -> str:
+def fingerprint(stage: Stage, params: dict[str, Any], run_dir: Path) -> str:
     """Changes when the notebook, its parameters, or any file it reads changes."""
     digest = hashlib.sha256(stage.notebook.read_bytes())
     digest.update(json.dumps(params, sort_keys=True, default=str).encode())
@@ -178,6 +182,8 @@ def fingerprint(stage: Stage, params: dict[str, Any]) -> str:
         value = params[key]
         if key != "output_dir" and isinstance(value, str) and (key in PATH_PARAMS or key in ("base_model", "tuned_model")):
             digest.update(json.dumps([key, _input_state(value)]).encode())
+    for path in stage.also_reads(run_dir):
+        digest.update(json.dumps([path.name, _input_state(str(path))]).encode())
     return digest.hexdigest()
 
 
@@ -216,7 +222,7 @@ def run(profile: str = "quick", params_file: str | None = None, run_dir: str | N
             atomic_write_json(status_path, status)
             print(f"[ironman_nb] {stage.name} skipped: {elsewhere}", flush=True)
             continue
-        stage_fingerprint = fingerprint(stage, per_stage[stage.name])
+        stage_fingerprint = fingerprint(stage, per_stage[stage.name], run_path)
         previous = status["stages"].get(stage.name, {})
         if (not force and previous.get("status") == "done" and previous.get("fingerprint") == stage_fingerprint
                 and output.is_file()):

@@ -123,8 +123,13 @@ def test_runner_skips_stages_done_with_unchanged_inputs(tmp_path, monkeypatch):
                log_output=False)
     assert calls[0] == "01_prepare_data.ipynb" and len(calls) == 6
     calls.clear()
-    runner.run("quick", run_dir=str(run_dir), overrides={"input_path": str(sheet), "02_train_lora": {"lora_r": 4}},
-               log_output=False, force=True)
+    # A new comparison changes the model card, which quotes it: 06 runs again, though its model folder did not change.
+    runner.run("quick", run_dir=str(run_dir), overrides={"input_path": str(sheet), "02_train_lora": {"lora_r": 4},
+                                                          "05_compare": {"max_prompts": 3}}, log_output=False)
+    assert calls == ["05_compare.ipynb", "06_push_to_hub.ipynb"]
+    calls.clear()
+    runner.run("quick", run_dir=str(run_dir), overrides={"input_path": str(sheet), "02_train_lora": {"lora_r": 4},
+                                                          "05_compare": {"max_prompts": 3}}, log_output=False, force=True)
     assert len(calls) == 6
 
 
