@@ -310,10 +310,20 @@ class PushConfig(StageConfig):
         problems = _non_empty(self, "model_dir", "commit_message")
         repo_id = self.repo_id
         if repo_id.strip():
+            # Imported here, and only for a repo_id, so the configs stay fast to import.
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:  # the library's own local check ("--", "..", a ".git" ending, 96 characters, …)
+                validate_repo_id(repo_id)
+                rejected = None
+            except HFValidationError as err:
+                rejected = str(err)
             if repo_id.startswith(("http://", "https://")) or "huggingface.co" in repo_id:
                 problems.append(("repo_id", f"give the id, not the address: \"owner/name\" (got {self.repo_id!r})"))
-            elif (not REPO_ID_PATTERN.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id
-                  or len(repo_id.split("/")[-1]) > 96):
+            elif rejected:
+                problems.append(("repo_id", f"huggingface_hub rejects it: {rejected} Use \"owner/name\", e.g. "
+                                            "\"your-name/Qwen2-7B-Ironman-ko\""))
+            elif not REPO_ID_PATTERN.fullmatch(repo_id):
                 problems.append(("repo_id", f"must look like \"owner/name\", e.g. \"your-name/Qwen2-7B-Ironman-ko\" (got {self.repo_id!r})"))
         elif not self.dry_run:
             problems.append(("repo_id", "is required when dry_run is False: set it to \"your-name/<model name>\""))

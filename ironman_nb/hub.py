@@ -2,10 +2,13 @@
 
 The folder is the merged model (notebook 04) or the LoRA adapter (notebook 02). Its run folder is
 `Path(model_dir).parent` (run/data, run/adapter, run/plots, run/merged, run/compare); every file read
-from there is optional, and the card says "not available" for what is missing.
+from there is optional, and the card says "not available" for what is missing. A merged folder's own
+ironman_nb.json comes first: it names the base and the adapter (and so the run_config.json) it was made from.
 
-Only an allowlist of top-level files is uploaded (weights, configs, tokenizer, chat template, card,
-charts): never checkpoints, optimizer state, training arguments, rendered notebooks or dotfiles.
+Only an allowlist of top-level files is uploaded (weights, configs, tokenizer, chat templates, card,
+charts): never checkpoints, optimizer state, training arguments, rendered notebooks or dotfiles. The same
+commit removes the allowlisted files an earlier upload left in the repository that this one does not
+replace, so an old adapter or old shards cannot shadow the new model; other files stay.
 
 The access token comes from the HF_TOKEN environment variable or the token stored by
 `hf auth login`; it is never a parameter, never printed and never written anywhere.
@@ -34,11 +37,18 @@ UPLOAD_NAMES = frozenset({
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "README.md",
 })
 UPLOAD_PATTERNS = ("*.safetensors", "*.png")
+# A tokenizer with several chat templates saves the extra ones here as <name>.jinja (transformers' CHAT_TEMPLATE_DIR).
+CHAT_TEMPLATES_DIR = "additional_chat_templates"
 
 CHART = "training_curves.png"
-OWN_STAGE = "06_push_to_hub"
+MERGE_INFO = "ironman_nb.json"  # written by notebook 04 (merge.py) into a merged folder
+# Stages whose failure means the model itself may be broken; 04 only counts for a merged folder.
+MODEL_STAGES = ("01_prepare_data", "02_train_lora")
+MERGE_STAGE = "04_merge_lora"
 # Licenses of base models whose card we cannot read locally.
 KNOWN_LICENSES = {EMBEDDED_HUB_ID: "apache-2.0"}
+# The license fields of a card's front matter, carried from the base model's card.
+LICENSE_KEYS = ("license", "license_name", "license_link")
 TAGS = ["lora", "sft", "persona", "ironman_nb", "tony-stark", "korean"]
 
 MAX_TRIES = 5
@@ -71,6 +81,8 @@ class PushResult:
     url: str | None
     repo_id: str = ""
     run_failed: str | None = None  # why this run may not be uploaded, if it failed
+    removed: list[str] = dataclasses.field(default_factory=list)  # files of an earlier upload deleted by this one
+    warnings: list[str] = dataclasses.field(default_factory=list)  # uploaded anyway, but worth fixing
 
     def listing(self):
         import pandas as pd
@@ -81,17 +93,39 @@ class PushResult:
 
 # ----------------------------------------------------------------------------------------- files
 
+def is_upload_path(path: str) -> bool:
+    """Whether `path` ("/"-separated, relative to the model folder or the repository) is a file this tool uploads.
+
+    Decides both what goes up and which files of an earlier upload the next one removes."""
+    folder, _, name = path.rpartition("/")
+    if not name or name.startswith("."):
+        return False
+    if folder == CHAT_TEMPLATES_DIR:
+        return fnmatch.fnmatchcase(name, "*.jinja")
+    return not folder and (name in UPLOAD_NAMES or any(fnmatch.fnmatchcase(name, p) for p in UPLOAD_PATTERNS))
+
+
 def upload_files(model_dir: str | Path) -> list[tuple[str, int]]:
-    """The allowlisted top-level files of `model_dir` with their sizes, sorted by name."""
+    """The allowlisted files of `model_dir` (top level and additional_chat_templates/) with their sizes, by name."""
     folder = Path(model_dir)
+    paths = list(folder.iterdir())
+    if (folder / CHAT_TEMPLATES_DIR).is_dir():
+        paths += list((folder / CHAT_TEMPLATES_DIR).iterdir())
     files = []
-    for path in sorted(folder.iterdir()):
-        name = path.name
-        if name.startswith(".") or not path.is_file():
-            continue
-        if name in UPLOAD_NAMES or any(fnmatch.fnmatchcase(name, p) for p in UPLOAD_PATTERNS):
+    for path in paths:
+        name = path.relative_to(folder).as_posix()
+        if path.is_file() and is_upload_path(name):
             files.append((name, path.stat().st_size))
-    return files
+    return sorted(files)
+
+
+def stale_remote_files(remote: list[str], files: list[tuple[str, int]]) -> list[str]:
+    """Files in the repository that an upload of this tool put there but this upload does not replace.
+
+    Left in place, an old adapter_config.json makes transformers load base + old adapter instead of the merged
+    weights, and an old model.safetensors wins over new shards. `.gitattributes` and the user's own files stay."""
+    new = {name for name, _ in files}
+    return sorted(path for path in remote if is_upload_path(path) and path not in new)
 
 
 def _check_model_dir(model_dir: Path) -> None:
@@ -118,14 +152,32 @@ def _optional_json(path: Path) -> Any:
         return None
 
 
+def _merge_info(model_dir: Path) -> dict:
+    """A merged folder's ironman_nb.json; {} for an adapter folder (or an unreadable file)."""
+    info = _optional_json(model_dir / MERGE_INFO)
+    return info if isinstance(info, dict) else {}
+
+
 def _run_config_path(model_dir: Path) -> Path:
+    """The run_config.json of the training behind `model_dir`: an adapter folder's own; for a merged folder, the
+    one in the adapter folder its ironman_nb.json records (it may come from another run), unless that folder is
+    gone (the run folder was moved or copied), then the run folder's adapter/run_config.json."""
     own = model_dir / "run_config.json"
-    return own if own.is_file() else model_dir.parent / "adapter" / "run_config.json"
+    if own.is_file():
+        return own
+    adapter_dir = _merge_info(model_dir).get("adapter_dir")
+    if isinstance(adapter_dir, str) and adapter_dir.strip() and Path(adapter_dir).is_dir():
+        return Path(adapter_dir) / "run_config.json"
+    return model_dir.parent / "adapter" / "run_config.json"
 
 
 def run_failure(model_dir: str | Path) -> str | None:
-    """Why the run that produced `model_dir` counts as failed, or None."""
+    """Why the run that produced `model_dir` counts as failed, or None.
+
+    Only the stages that made the model count: 01 and 02, and 04 for a merged folder. A failed 03, 05 or 06
+    changes nothing in the weights, and merge.py asks this about the adapter before 04 runs."""
     model_dir = Path(model_dir)
+    producing = MODEL_STAGES + ((MERGE_STAGE,) if (model_dir / MERGE_INFO).is_file() else ())
     status_path = model_dir.parent / "status.json"
     if status_path.is_file():
         status = _optional_json(status_path)
@@ -135,7 +187,7 @@ def run_failure(model_dir: str | Path) -> str | None:
         entries = stages.items() if isinstance(stages, dict) else (
             (s.get("name", s.get("stage", "?")), s) for s in stages if isinstance(s, dict))
         for name, entry in entries:
-            if name != OWN_STAGE and isinstance(entry, dict) and entry.get("status") == "failed":
+            if name in producing and isinstance(entry, dict) and entry.get("status") == "failed":
                 error = entry.get("error") or "no error recorded"
                 return (f"stage {name} failed ({mask_secret(str(error))}) according to {status_path}; "
                         "re-run it so status.json records it as done")
@@ -155,7 +207,7 @@ class CardFacts:
     model_dir: Path
     is_adapter: bool
     base_model: str | None  # Hub id, or a local path, or None when unknown
-    license: str
+    license: dict[str, str]  # LICENSE_KEYS found for the base model; {} when unknown (the card says `other`)
     embedded_base: bool
     system_prompt: str | None
     run_config: dict | None
@@ -185,37 +237,103 @@ def _front_matter(readme: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _json_field(path: Path, key: str) -> Any:
+    data = _optional_json(path)
+    return data.get(key) if isinstance(data, dict) else None
+
+
 def _base_model(model_dir: Path, run_config: dict | None) -> str | None:
-    resolved = (run_config or {}).get("resolved") or {}
-    candidates = [
-        resolved.get("base_model_hub_id"),
-        (_optional_json(model_dir / "ironman_nb.json") or {}).get("base_model_hub_id"),
-        (_optional_json(model_dir / "ironman_nb.json") or {}).get("base_model"),
-        (_optional_json(model_dir / "adapter_config.json") or {}).get("base_model_name_or_path"),
-        (_optional_json(model_dir / "config.json") or {}).get("_name_or_path"),
-    ]
-    for value in candidates:
-        if isinstance(value, str) and value.strip():
-            return EMBEDDED_HUB_ID if value == EMBEDDED_MODEL else value
-    return None
+    def names(*values):
+        return [EMBEDDED_HUB_ID if v == EMBEDDED_MODEL else v for v in values if isinstance(v, str) and v.strip()]
+
+    # A merged folder's ironman_nb.json records the base the merge used: it decides.
+    info = _merge_info(model_dir)
+    recorded = names(info.get("base_model_hub_id"), info.get("base_model"))
+    if recorded:
+        return recorded[0]
+    # Else the folder's own configs before the run folder's run_config.json (it may belong to another adapter), and a
+    # Hub id before a local path (config.json may name the cache folder the base weights were loaded from).
+    found = names(
+        _json_field(model_dir / "adapter_config.json", "base_model_name_or_path"),
+        _json_field(model_dir / "config.json", "_name_or_path"),
+        ((run_config or {}).get("resolved") or {}).get("base_model_hub_id"),
+    )
+    return next((name for name in found if _is_hub_id(name)), found[0] if found else None)
 
 
 def _is_hub_id(name: str | None) -> bool:
     return bool(name) and bool(REPO_ID_PATTERN.fullmatch(name)) and not Path(name).is_dir()
 
 
-def _license(base_model: str | None, run_config: dict | None) -> str:
+def license_fields(card_data: Any) -> dict[str, str]:
+    """license, license_name and license_link of a card's metadata (a dict, or huggingface_hub's ModelCardData);
+    {} when it names no license."""
+    fields = {}
+    for key in LICENSE_KEYS:
+        value = card_data.get(key) if isinstance(card_data, dict) else getattr(card_data, key, None)
+        if isinstance(value, list) and value:
+            value = value[0]
+        if isinstance(value, str) and value.strip():
+            fields[key] = value.strip()
+    return fields if "license" in fields else {}
+
+
+def _license(base_model: str | None, run_config: dict | None) -> dict[str, str]:
+    """What is known offline: KNOWN_LICENSES, else the front matter of the base's README.md in a local folder."""
     if base_model in KNOWN_LICENSES:
-        return KNOWN_LICENSES[base_model]
+        return {"license": KNOWN_LICENSES[base_model]}
     resolved = (run_config or {}).get("resolved") or {}
     for folder in (base_model, resolved.get("base_model_path"), ((run_config or {}).get("config") or {}).get("base_model")):
         if isinstance(folder, str) and folder and Path(folder).is_dir():
-            value = _front_matter(Path(folder) / "README.md").get("license")
-            if isinstance(value, list) and value:
-                value = value[0]
-            if isinstance(value, str) and value.strip():
-                return value.strip()
-    return "other"
+            fields = license_fields(_front_matter(Path(folder) / "README.md"))
+            if fields:
+                return fields
+    return {}
+
+
+def hub_license(api, base_model: str, sleep: Callable[[float], Any] = time.sleep) -> dict[str, str]:
+    """The license fields of `base_model`'s card on the Hub; {} when its card names none."""
+    info = call_with_retries("model_info", lambda: api.model_info(base_model), base_model, sleep)
+    return license_fields(getattr(info, "card_data", None))
+
+
+def _look_up_license(facts: CardFacts, api, sleep: Callable[[float], Any]) -> tuple[CardFacts, str | None]:
+    """Fill an unknown license of a Hub base from its card on the Hub (with `api`); returns the facts and a warning.
+
+    A failed look-up never stops the upload: the card says `other` and the warning says so."""
+    base = facts.base_model
+    if facts.license or not _is_hub_id(base):
+        return facts, None
+    if api is None:  # dry run: no call
+        print(f"[ironman_nb] the license of {base} is not known offline, so the card says `other` for now; "
+              "the upload reads it from the base model's card on the Hub")
+        return facts, None
+    advice = f"so the card says license `other`: check the terms of {base} and correct `license` in README.md on the Hub"
+    try:
+        found = hub_license(api, base, sleep)
+    except Exception as err:
+        cause = err.__cause__ or err
+        code = status_code(cause)
+        reason = f"HTTP {code}" if code is not None else f"{type(cause).__name__}: {mask_secret(str(cause))[:200]}"
+        return facts, f"could not read the license of {base} from the Hub ({reason}), {advice}"
+    if not found:
+        return facts, f"the card of {base} on the Hub names no license, {advice}"
+    print(f"[ironman_nb] license {found['license']!r} read from the card of {base} on the Hub")
+    return dataclasses.replace(facts, license=found), None
+
+
+def adapter_base_warnings(facts: CardFacts) -> list[str]:
+    """An adapter whose adapter_config.json names its base by a local path cannot be loaded by anyone else."""
+    if not facts.is_adapter:
+        return []
+    path = facts.model_dir / "adapter_config.json"
+    named = _json_field(path, "base_model_name_or_path")
+    if isinstance(named, str) and _is_hub_id(named):
+        return []
+    hub_hint = f" ({facts.base_model})" if _is_hub_id(facts.base_model) else ""
+    return [f"{path}: base_model_name_or_path is {named!r}, not a Hub id, so others cannot load this adapter "
+            "(peft looks that name up on their machine). Set it to the base model's Hub id" + hub_hint
+            + " and upload again, or upload the merged model (notebook 04) instead."]
 
 
 def _copy_chart(model_dir: Path) -> bool:
@@ -232,6 +350,7 @@ def collect_card_facts(model_dir: str | Path) -> CardFacts:
     run_dir = model_dir.parent
     run_config = _optional_json(_run_config_path(model_dir))
     run_config = run_config if isinstance(run_config, dict) else None
+    info = _merge_info(model_dir)
     base = _base_model(model_dir, run_config)
     comparison = None
     comparison_path = run_dir / "compare" / "comparison.jsonl"
@@ -243,15 +362,15 @@ def collect_card_facts(model_dir: str | Path) -> CardFacts:
         except (OSError, ValueError) as err:
             print(f"[ironman_nb] skipped {comparison_path}: {err}")
     metrics = _optional_json(run_dir / "compare" / "metrics.json")
-    info = _optional_json(model_dir / "ironman_nb.json") or {}
+    trained_on = info.get("base_model") or ((run_config or {}).get("config") or {}).get("base_model")
     datasets = info.get("datasets") or (run_config or {}).get("datasets") or []
     return CardFacts(
         model_dir=model_dir,
         is_adapter=(model_dir / "adapter_config.json").is_file(),
         base_model=base,
         license=_license(base, run_config),
-        embedded_base=((run_config or {}).get("config") or {}).get("base_model") == EMBEDDED_MODEL,
-        system_prompt=((run_config or {}).get("resolved") or {}).get("system_prompt") or info.get("system_prompt"),
+        embedded_base=trained_on == EMBEDDED_MODEL,
+        system_prompt=info.get("system_prompt") or ((run_config or {}).get("resolved") or {}).get("system_prompt"),
         run_config=run_config,
         comparison=comparison,
         metrics=metrics if isinstance(metrics, dict) else None,
@@ -314,18 +433,63 @@ def _training_section(rc: dict | None) -> str:
     return "\n\n".join(parts)
 
 
+# The answers' statistics of compare.summarise, as the card names them; a key not listed here shows as itself.
+ANSWER_LABELS = {
+    "eot_rate": "answers ending with the end-of-turn token",
+    "hangul_share": "Hangul share of the letters",
+    "han_rate": "answers with Chinese characters",
+    "persona_break_rate": "answers breaking character",
+    "persona_marker_rate": "answers with Tony Stark words",
+    "mean_chars": "mean answer length (characters)",
+}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _rounded(value: Any, key: str) -> str | None:
+    """eval_nll to 3 decimals, lengths to whole characters, rates and shares as percentages."""
+    if not _number(value):
+        return None
+    if key == "eval_nll":
+        return f"{value:.3f}"
+    if key == "mean_chars":
+        return f"{value:.0f}"
+    return f"{value * 100:.0f} %"
+
+
 def _metrics_section(metrics: dict | None) -> str:
+    """The before/after numbers of notebook 05's metrics.json, rounded; its model paths and lexicons stay out."""
     if not metrics:
         return "Metrics: not available (no `compare/metrics.json` in the run folder)."
-    columns = [k for k, v in metrics.items() if isinstance(v, dict)]
-    scalars = [[k, v] for k, v in metrics.items() if not isinstance(v, dict)]
-    parts = []
-    if columns:
-        names = list(dict.fromkeys(n for c in columns for n in metrics[c]))
-        parts.append(_table(["metric", *columns], [[n, *(metrics[c].get(n) for c in columns)] for n in names]))
-    if scalars:
-        parts.append(_table(["item", "value"], scalars))
-    return "Metrics (`compare/metrics.json`):\n\n" + "\n\n".join(parts)
+    before, after = metrics.get("before"), metrics.get("after")
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return "Metrics: not available (`compare/metrics.json` holds no before/after results; re-run notebook 05)."
+    rows = []
+    if _number(before.get("eval_nll")) or _number(after.get("eval_nll")):
+        rows.append(["held-out assistant NLL (`eval_nll`, lower is better)",
+                     _rounded(before.get("eval_nll"), "eval_nll"), _rounded(after.get("eval_nll"), "eval_nll")])
+    answers_before = before.get("answers") if isinstance(before.get("answers"), dict) else {}
+    answers_after = after.get("answers") if isinstance(after.get("answers"), dict) else {}
+    for key in dict.fromkeys([*answers_before, *answers_after]):
+        if _number(answers_before.get(key)) or _number(answers_after.get(key)):
+            rows.append([f"{ANSWER_LABELS.get(key, key)} (`{key}`)",
+                         _rounded(answers_before.get(key), key), _rounded(answers_after.get(key), key)])
+    if not rows:
+        return "Metrics: not available (`compare/metrics.json` holds no before/after numbers; re-run notebook 05)."
+    counts = [f"{metrics[key]} {what}" for key, what in (("prompts", "prompts answered"),
+                                                         ("eval_samples", "held-out samples scored"))
+              if _number(metrics.get(key))]
+    text = "Metrics (`compare/metrics.json`" + (": " + ", ".join(counts) if counts else "") + "):\n\n"
+    text += _table(["metric", "before", "after"], rows)
+    diff = metrics.get("eval_nll_difference")
+    diff = diff if isinstance(diff, dict) else {}
+    low_high = diff.get("ci95") if isinstance(diff.get("ci95"), list) else []
+    if _number(diff.get("difference")) and len(low_high) == 2 and all(_number(v) for v in low_high):
+        text += (f"\n\nHeld-out NLL change (after − before): {diff['difference']:+.3f}, 95 % interval "
+                 f"{low_high[0]:+.3f} … {low_high[1]:+.3f} (paired bootstrap over the held-out samples).")
+    return text
 
 
 def _usage_code(facts: CardFacts, repo_id: str, system_prompt: str) -> str:
@@ -375,7 +539,7 @@ def render_card(facts: CardFacts, repo_id: str = "") -> str:
     meta["library_name"] = "peft" if facts.is_adapter else "transformers"
     meta["pipeline_tag"] = "text-generation"
     meta["language"] = ["ko"]
-    meta["license"] = facts.license
+    meta.update(facts.license or {"license": "other"})
     meta["tags"] = list(TAGS)
     if facts.datasets:
         meta["datasets"] = list(facts.datasets)
@@ -428,13 +592,18 @@ def render_card(facts: CardFacts, repo_id: str = "") -> str:
             + ("; on the original weights the adapter may behave slightly differently." if facts.is_adapter else ".")
         )
     sections.append("## Limitations\n\n" + "\n".join(f"- {item}" for item in limitations))
-    sections.append(f"License: `{facts.license}`, inherited from the base model — check its terms before use.")
+    terms = facts.license or {"license": "other"}
+    named = ", ".join(terms[k] for k in ("license_name", "license_link") if k in terms)
+    sections.append(f"License: `{terms['license']}`" + (f" ({named})" if named else "")
+                    + ", inherited from the base model — check its terms before use.")
     return "\n\n".join(sections) + "\n"
 
 
-def write_model_card(model_dir: str | Path, repo_id: str = "", token: str | None = None) -> str:
-    """Render the card and write it to `model_dir/README.md` (atomically); returns the text."""
-    card = mask_secret(render_card(collect_card_facts(model_dir), repo_id))
+def write_model_card(model_dir: str | Path, repo_id: str = "", token: str | None = None,
+                     facts: CardFacts | None = None) -> str:
+    """Render the card (from `facts`, or what `model_dir` holds) and write it to `model_dir/README.md` (atomically);
+    returns the text."""
+    card = mask_secret(render_card(facts or collect_card_facts(model_dir), repo_id))
     if token:
         card = card.replace(token, "***")
     atomic_write_text(Path(model_dir) / "README.md", card)
@@ -481,13 +650,29 @@ def _retry_after(err: BaseException) -> float:
         return 0.0
 
 
+def token_help() -> str:
+    """Where huggingface_hub.get_token() took the token from (same precedence) and how to replace it; never the token."""
+    if os.environ.get("HF_OIDC_RESOURCE", "").strip():
+        return ("The token was exchanged through HF_OIDC_RESOURCE (Trusted Publishers), which comes before HF_TOKEN "
+                "and the stored login: give that publisher write access, or unset HF_OIDC_RESOURCE.")
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(name, "").strip():
+            return (f"The token came from the {name} environment variable, which comes before the login stored by "
+                    f"`hf auth login`: replace {name} with a token with write access "
+                    f"(https://huggingface.co/settings/tokens), or unset it and restart the kernel to use the stored "
+                    "login. Never put the token in the notebook.")
+    return ("The token came from the login stored by `hf auth login`: run `hf auth login` again in a terminal with a "
+            "token with write access (https://huggingface.co/settings/tokens), then run this notebook again. "
+            "Never put the token in the notebook.")
+
+
 def _auth_message(what: str, code: int, repo_id: str) -> str:
     if code == 401:
-        return (f"{what}: the Hub refused the access token (HTTP 401: missing, invalid or expired). " + LOGIN_HELP)
+        return f"{what}: the Hub refused the access token (HTTP 401: missing, invalid or expired). {token_help()}"
     owner = repo_id.split("/")[0]
     return (f"{what}: the token may not write to {repo_id!r} (HTTP 403). Use a token with write access "
             f"(a fine-grained token needs write permission for {owner!r}), and check that {owner!r} is your "
-            "user name or an organization you can write to. " + LOGIN_HELP)
+            f"user name or an organization you can write to. {token_help()}")
 
 
 def call_with_retries(what: str, fn: Callable[[], Any], repo_id: str, sleep: Callable[[float], Any] = time.sleep,
@@ -515,7 +700,8 @@ def call_with_retries(what: str, fn: Callable[[], Any], repo_id: str, sleep: Cal
 
 
 def push_to_hub(cfg: PushConfig, api=None, sleep: Callable[[float], Any] = time.sleep) -> PushResult:
-    """Write the model card, then (unless `cfg.dry_run`) upload the allowlisted files in one commit."""
+    """Write the model card, then (unless `cfg.dry_run`) upload the allowlisted files in one commit that also
+    removes the allowlisted files of an earlier upload which this one does not replace."""
     model_dir = Path(cfg.model_dir)
     _check_model_dir(model_dir)
     failed = run_failure(model_dir)
@@ -528,44 +714,67 @@ def push_to_hub(cfg: PushConfig, api=None, sleep: Callable[[float], Any] = time.
             raise HubError(f"no Hugging Face access token found, so nothing was uploaded. {LOGIN_HELP}")
         if api is None and _offline():
             raise HubError(OFFLINE_HELP)
+        if api is None:
+            from huggingface_hub import HfApi
 
-    card = write_model_card(model_dir, cfg.repo_id, token)
+            api = HfApi(token=token)
+
+    facts = collect_card_facts(model_dir)
+    warnings = adapter_base_warnings(facts)
+    facts, license_warning = _look_up_license(facts, None if cfg.dry_run else api, sleep)
+    if license_warning:
+        warnings.append(license_warning)
+    card = write_model_card(model_dir, cfg.repo_id, token, facts)
     files = upload_files(model_dir)
     total = human_size(sum(size for _, size in files))
-    left_out = sorted(p.name for p in model_dir.iterdir() if p.name not in {n for n, _ in files})
+    uploaded_tops = {name.split("/")[0] for name, _ in files}
+    left_out = sorted(p.name for p in model_dir.iterdir() if p.name not in uploaded_tops)
     if left_out:
         shown = ", ".join(left_out[:6]) + (", …" if len(left_out) > 6 else "")
         print(f"[ironman_nb] not uploaded ({len(left_out)}): {shown}")
-    visibility = "private" if cfg.private else "public"
+    for warning in warnings:
+        print(f"[ironman_nb] warning: {warning}")
+    asked = "private" if cfg.private else "public"
 
     if cfg.dry_run:
         target = cfg.repo_id or "(no repo_id set)"
-        print(f"[ironman_nb] dry run: {len(files)} files, {total}, would go to {target} ({visibility}); "
-              f"card written to {model_dir / 'README.md'}. Set dry_run = False to upload.")
+        print(f"[ironman_nb] dry run: {len(files)} files, {total}, would go to {target} ({asked} if the upload creates "
+              f"it; an existing repository keeps its visibility); card written to {model_dir / 'README.md'}. "
+              "Set dry_run = False to upload.")
+        print("[ironman_nb] the upload also removes the files of an earlier upload to that repository that this one "
+              "does not replace (weights, configs, tokenizer and adapter files, card, charts); other files stay")
         if failed:
             print(f"[ironman_nb] this run failed, so the upload would be refused: {failed}")
-        return PushResult(files, card, uploaded=False, url=None, repo_id=cfg.repo_id, run_failed=failed)
+        return PushResult(files, card, uploaded=False, url=None, repo_id=cfg.repo_id, run_failed=failed,
+                          warnings=warnings)
 
-    if api is None:
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
     repo_id = cfg.repo_id
     repo_url = call_with_retries(
         "create_repo", lambda: api.create_repo(repo_id, private=cfg.private, exist_ok=True, repo_type="model"),
         repo_id, sleep)
-    if cfg.private:
-        info = call_with_retries("repo_info", lambda: api.repo_info(repo_id, repo_type="model"), repo_id, sleep)
-        if getattr(info, "private", None) is not True:
-            raise HubError(
-                f"{repo_id} is public on the Hub although private = True was asked (it probably existed "
-                "already), so nothing was uploaded. Make it private under the repository's Settings on "
-                "huggingface.co, choose another repo_id, or set private = False to publish it."
-            )
+    # create_repo leaves an existing repository as it is, so its real visibility can differ from the one asked for.
+    info = call_with_retries("repo_info", lambda: api.repo_info(repo_id, repo_type="model"), repo_id, sleep)
+    on_hub = getattr(info, "private", None)
+    if cfg.private and on_hub is not True:
+        raise HubError(
+            f"{repo_id} is public on the Hub although private = True was asked (it probably existed "
+            "already), so nothing was uploaded. Make it private under the repository's Settings on "
+            "huggingface.co, choose another repo_id, or set private = False to publish it."
+        )
+    visibility = {True: "private", False: "public"}.get(on_hub, "visibility unknown")
+    if not cfg.private and on_hub is True:
+        print(f"[ironman_nb] {repo_id} already exists and is private: private = False does not publish it, so it "
+              "stays private (make it public under the repository's Settings on huggingface.co)")
 
-    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(model_dir / name)) for name, _ in files]
+    remote = call_with_retries("list_repo_files", lambda: api.list_repo_files(repo_id, repo_type="model"),
+                               repo_id, sleep)
+    removed = stale_remote_files(remote, files)
+    if removed:
+        print(f"[ironman_nb] removing {len(removed)} files of an earlier upload from {repo_id}: {', '.join(removed)}")
+    operations = [CommitOperationDelete(path_in_repo=name) for name in removed]
+    operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(model_dir / name)) for name, _ in files]
     print(f"[ironman_nb] uploading {len(files)} files ({total}) to {repo_id} ({visibility}) …", flush=True)
     commit = call_with_retries(
         "create_commit",
@@ -574,5 +783,6 @@ def push_to_hub(cfg: PushConfig, api=None, sleep: Callable[[float], Any] = time.
         repo_id, sleep)
     url = str(repo_url) if isinstance(repo_url, str) and repo_url else f"https://huggingface.co/{repo_id}"
     commit_url = getattr(commit, "commit_url", None)
-    print(f"[ironman_nb] uploaded: {url}" + (f" (commit {commit_url})" if commit_url else ""))
-    return PushResult(files, card, uploaded=True, url=url, repo_id=repo_id, run_failed=None)
+    print(f"[ironman_nb] uploaded: {url} ({visibility})" + (f", commit {commit_url}" if commit_url else ""))
+    return PushResult(files, card, uploaded=True, url=url, repo_id=repo_id, run_failed=None, removed=removed,
+                      warnings=warnings)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import DEFAULT_SYSTEM_PROMPT, MergeConfig
 from .data import prompt_messages
-from .hub import run_failure
+from .hub import MERGE_INFO, run_failure
 from .io import DISK_ADVICE, atomic_dir, atomic_write_json, disk_space_problem, is_disk_full, read_json
 from .models import (
     end_of_turn_token,
@@ -37,7 +37,6 @@ from .models import (
 LOGIT_TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "fp16": 0.1}
 RELATIVE_LOGIT_TOLERANCE = {"fp32": 0.0, "bf16": 2**-5, "fp16": 2**-8}
 PROBE_PROMPT = "토니, 아크 원자로가 뭔지 한 문장으로 설명해 줘."
-MERGE_INFO = "ironman_nb.json"
 # Room for the tokenizer, configs and the info file beside the weights.
 SMALL_FILES_BYTES = 64 * 2**20
 
