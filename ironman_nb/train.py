@@ -9,9 +9,11 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -466,7 +468,25 @@ def longest_sample(dataset) -> int:
 
 
 def _missing_checkpoint_files(path: Path) -> list[str]:
-    return [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    if "trainer_state.json" not in missing:
+        try:  # written last; cut short by a full disk or a crash it would stop every resume
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            missing.append("trainer_state.json (unreadable)")
+    return missing
+
+
+def _nonfinite_adapter_tensors(path: Path) -> int:
+    """How many of a checkpoint's adapter tensors hold NaN or inf (a step can go bad between two log lines)."""
+    import torch
+    from safetensors.torch import load_file
+
+    return sum(not bool(torch.isfinite(t).all()) for t in load_file(str(path / "adapter_model.safetensors")).values())
+
+
+def checkpoint_step(path: str | Path) -> int:
+    return int(json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8")).get("global_step", 0))
 
 
 def find_resume_checkpoint(checkpoint_dir: Path, resume: str) -> str | None:
@@ -478,6 +498,8 @@ def find_resume_checkpoint(checkpoint_dir: Path, resume: str) -> str | None:
         missing = _missing_checkpoint_files(path)
         if missing:
             raise FileNotFoundError(f"resume={resume!r}: not a complete checkpoint (missing {', '.join(missing)})")
+        if _nonfinite_adapter_tensors(path):
+            raise ValueError(f"resume={resume!r}: its adapter holds NaN or inf; resume from an earlier checkpoint")
         return str(path)
     if not checkpoint_dir.is_dir():
         return None
@@ -488,9 +510,12 @@ def find_resume_checkpoint(checkpoint_dir: Path, resume: str) -> str | None:
     )
     for path in candidates:
         missing = _missing_checkpoint_files(path)
-        if not missing:
+        if missing:
+            log.warning("skipping incomplete checkpoint %s (missing %s)", path, ", ".join(missing))
+        elif _nonfinite_adapter_tensors(path):
+            log.warning("skipping checkpoint %s: its adapter holds NaN or inf", path)
+        else:
             return str(path)
-        log.warning("skipping incomplete checkpoint %s (missing %s)", path, ", ".join(missing))
     return None
 
 
@@ -502,19 +527,58 @@ RUN_IDENTITY = ("base_model", "data_dir", "max_length", "max_train_samples", "lo
 IDENTITY_FILE = "run_identity.json"
 
 
-def set_aside_foreign_checkpoints(cfg: TrainConfig, checkpoint_dir: Path) -> None:
-    """Move checkpoints made with other run-defining parameters out of the way (never delete them)."""
+def run_identity(cfg: TrainConfig) -> dict:
+    """What makes a run's checkpoints its own: the RUN_IDENTITY parameters, the training data itself (notebook 01
+    rewrites the same data folder), the 4-bit base and the number of processes (samples per step, data order)."""
     identity = {name: getattr(cfg, name) for name in RUN_IDENTITY}
+    train_file = Path(cfg.data_dir) / "train.jsonl"
+    identity["train_data_sha256"] = hashlib.sha256(train_file.read_bytes()).hexdigest() if train_file.is_file() else None
+    identity["quantization"] = cfg.quantization
+    identity["processes"] = int(os.environ.get("WORLD_SIZE", "1"))
+    return identity
+
+
+def set_aside_checkpoints(checkpoint_dir: Path, why: str) -> None:
+    """Move a checkpoint folder out of the way (never delete it), so that `resume="auto"` cannot pick from it."""
+    stale = checkpoint_dir.with_name(f"{checkpoint_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(checkpoint_dir, stale)
+    log.warning("checkpoints in %s %s: starting fresh; they are kept in %s", checkpoint_dir, why, stale)
+
+
+def set_aside_foreign_checkpoints(cfg: TrainConfig, checkpoint_dir: Path) -> None:
+    """Move checkpoints made with other run-defining parameters, or left when `resume="never"`, out of the way."""
+    identity = run_identity(cfg)
     path = checkpoint_dir / IDENTITY_FILE
     if cfg.resume == "auto" and path.is_file():
         earlier = json.loads(path.read_text(encoding="utf-8"))
         changed = {k: (earlier.get(k), v) for k, v in identity.items() if earlier.get(k) != v}
         if changed:
-            stale = checkpoint_dir.with_name(f"{checkpoint_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(checkpoint_dir, stale)
-            log.warning("checkpoints in %s were made with other parameters (%s): starting fresh; they are kept in %s",
-                        checkpoint_dir, ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in changed.items()), stale)
+            shown = {k: (a[:12], b[:12]) if k.endswith("sha256") and a and b else (a, b) for k, (a, b) in changed.items()}
+            set_aside_checkpoints(checkpoint_dir, "were made with other parameters ("
+                                  + ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in shown.items()) + ")")
+    elif cfg.resume == "never" and any(checkpoint_dir.glob("checkpoint-*")):
+        # Left in place they would mix with this run's, and a later resume="auto" could pick an older run's.
+        set_aside_checkpoints(checkpoint_dir, "belong to an earlier run (resume='never')")
     atomic_write_json(path, identity)
+
+
+def planned_steps(trainer) -> int:
+    """The optimizer steps this training runs to, counted as transformers' Trainer counts them."""
+    args = trainer.args
+    if args.max_steps > 0:
+        return args.max_steps
+    per_process = math.ceil(len(trainer.train_dataset) / max(args.world_size, 1))
+    batches = math.ceil(per_process / args.per_device_train_batch_size)
+    return math.ceil(args.num_train_epochs * max(math.ceil(batches / args.gradient_accumulation_steps), 1))
+
+
+def finished_result(output_dir: Path, step: int) -> "TrainResult | None":
+    """The saved result of a training that already reached `step`, if output_dir holds it whole."""
+    run_config = read_json(output_dir / "run_config.json") if (output_dir / "run_config.json").is_file() else {}
+    if (run_config.get("failed") or (run_config.get("result") or {}).get("global_step") != step
+            or _missing_checkpoint_files(output_dir)):
+        return None
+    return TrainResult(output_dir, run_config, read_json(output_dir / "trainer_state.json")["log_history"])
 
 
 def common_prefix_length(sequences: list[list[int]]) -> int:
@@ -951,12 +1015,25 @@ def _terminate_callback():
     from transformers import TrainerCallback
 
     class SaveOnTerminate(TrainerCallback):
-        """After SIGTERM (a pod being stopped or pre-empted), save a checkpoint at the end of the step and stop."""
+        """After SIGTERM (a pod being stopped or pre-empted) or an interrupt, save a checkpoint at the end of the
+        step and stop."""
 
         requested = False
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.requested:
+            requested = self.requested
+            if args.world_size > 1:
+                # Every process must stop at the same step: the save (ZeRO-3, FSDP) and the next step's gradient
+                # reduction wait for all of them. A signal can reach one process a step before another.
+                import torch
+                import torch.distributed as dist
+
+                if dist.is_available() and dist.is_initialized():
+                    flag = torch.tensor([int(requested)], device=args.device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    requested = bool(flag.item())
+            if requested:
+                self.requested = True
                 control.should_save = True
                 control.should_training_stop = True
             return control
@@ -1217,6 +1294,21 @@ def train(cfg: TrainConfig) -> TrainResult:
                 log.warning(problem)
         trainer.accelerator.wait_for_everyone()
         resume_from = find_resume_checkpoint(checkpoint_dir, cfg.resume)
+        if resume_from and cfg.resume == "auto":
+            # Trainer would step past a checkpoint that already reached the planned steps (one more each time).
+            done, planned = checkpoint_step(resume_from), planned_steps(trainer)
+            finished = finished_result(output_dir, done) if done == planned else None
+            if finished:
+                log.warning("this training already ran to step %d (%s) and its adapter is in %s: nothing to do; "
+                            "resume='never' trains again", done, resume_from, output_dir)
+                return finished
+            if done >= planned:
+                trainer.accelerator.wait_for_everyone()
+                if trainer.is_world_process_zero():
+                    set_aside_checkpoints(checkpoint_dir, f"reached step {done}, past the {planned} planned now")
+                    atomic_write_json(checkpoint_dir / IDENTITY_FILE, run_identity(cfg))
+                trainer.accelerator.wait_for_everyone()
+                resume_from = None
         do_eval = setup.eval_samples > 0
         tokenizer = trainer.processing_class
         if torch.cuda.is_available():  # peak_gpu_memory_gib is this training's, not the kernel's lifetime peak
@@ -1239,7 +1331,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             raise NonFiniteTrainingError(error)
         if setup.on_terminate.requested:
             raise TrainingInterrupted(
-                f"SIGTERM: stopped at step {trainer.state.global_step} after saving {checkpoint_dir}/checkpoint-"
+                f"interrupted (SIGTERM or SIGINT): stopped at step {trainer.state.global_step} after saving {checkpoint_dir}/checkpoint-"
                 f"{trainer.state.global_step}; run again with resume='auto' to continue"
             )
         history = trainer.state.log_history
@@ -1283,20 +1375,27 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 @contextlib.contextmanager
 def _sigterm_sets(callback):
-    """While training, SIGTERM only raises a flag that the callback turns into save-and-stop."""
+    """While training, SIGTERM and the first interrupt (SIGINT: Ctrl-C, JupyterLab's Interrupt, the first signal of
+    a kernel shutdown) only raise a flag that the callback turns into save-and-stop; a second interrupt stops at
+    once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
+        if signum == signal.SIGINT and callback.requested:
+            raise KeyboardInterrupt
         callback.requested = True
-        print("[train] SIGTERM received: saving a checkpoint at the end of this step", flush=True)
+        again = " (interrupt again to stop at once, without it)" if signum == signal.SIGINT else ""
+        print(f"[train] {signal.Signals(signum).name} received: saving a checkpoint at the end of this step{again}",
+              flush=True)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
 
 
 def _save_final(trainer, output_dir: Path, cfg: TrainConfig, run_config: dict) -> None:

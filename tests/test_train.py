@@ -1032,6 +1032,95 @@ def test_a_finished_training_leaves_no_model_in_memory(tmp_path, tiny_model_dir,
     assert len(model_release_watch.loaded) == 1 and model_release_watch.alive == [0]
 
 
+def test_new_training_data_starts_fresh_instead_of_resuming(tmp_path, tiny_model_dir, caplog):
+    """Notebook 01 rewrites the same data folder: checkpoints of the old data must not be continued."""
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, eval_steps=0)  # writes the data once
+    first = train(cfg)
+    train_file = tmp_path / "data" / "train.jsonl"
+    rows = [json.loads(line) for line in train_file.read_text(encoding="utf-8").splitlines()]
+    rows[0]["messages"][-1]["content"] = "완전히 새로운 답이야. 다시 배워."
+    train_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    again = train(cfg)
+    assert again.run_config["resolved"]["resumed_from"] is None
+    assert "were made with other parameters (train_data_sha256" in caplog.text
+    assert again.run_config["result"]["train_loss"] != first.run_config["result"]["train_loss"]
+
+
+def test_resume_never_sets_the_earlier_checkpoints_aside(tmp_path, tiny_model_dir):
+    train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=0, max_steps=6))
+    train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=0, resume="never", learning_rate=5e-4))
+    checkpoints = tmp_path / "adapter" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    stale = [p for p in (tmp_path / "adapter").iterdir() if p.name.startswith("checkpoints.stale-")]
+    assert len(stale) == 1 and (stale[0] / "checkpoint-6").is_dir()
+
+
+def test_a_finished_run_is_not_stepped_past_its_end(tmp_path, tiny_model_dir, caplog):
+    """Run All again on a finished run: Trainer would train one step more each time; nothing is trained. With
+    fewer steps asked than a checkpoint has, training starts from the beginning."""
+    first = train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=0))
+    again = train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=0))
+    assert again.run_config == first.run_config and "already ran to step 4" in caplog.text
+    shorter = train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=0, max_steps=2))
+    assert shorter.run_config["resolved"]["resumed_from"] is None
+    assert shorter.run_config["result"]["global_step"] == 2
+    assert "reached step 4, past the 2 planned now" in caplog.text
+
+
+def test_resume_skips_checkpoints_that_cannot_be_continued(tmp_path, tiny_model_dir):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=0, max_steps=6))
+    checkpoints = tmp_path / "adapter" / "checkpoints"
+    (checkpoints / "checkpoint-6" / "trainer_state.json").write_text('{"global_step": 6, "log_hi')  # cut short
+    adapter = checkpoints / "checkpoint-4" / "adapter_model.safetensors"
+    tensors = load_file(str(adapter))
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))  # a step went bad between two log lines
+    save_file(tensors, str(adapter))
+    assert find_resume_checkpoint(checkpoints, "auto") == str(checkpoints / "checkpoint-2")
+    with pytest.raises(ValueError, match="holds NaN or inf"):
+        find_resume_checkpoint(checkpoints, str(checkpoints / "checkpoint-4"))
+
+
+def test_an_interrupt_saves_a_checkpoint_and_a_second_stops_at_once(tmp_path, tiny_model_dir, monkeypatch):
+    """JupyterLab's Interrupt (SIGINT) during training: a checkpoint at the end of the step, then a clear stop."""
+    import os
+    import signal
+
+    from transformers import Trainer
+
+    from ironman_nb.train import TrainingInterrupted
+
+    real_step, calls = Trainer.training_step, []
+
+    def interrupted_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the first micro-batch of step 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", interrupted_step)
+    with pytest.raises(TrainingInterrupted, match="stopped at step 2 after saving"):
+        train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=0, save_steps=100))
+    assert (tmp_path / "adapter" / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+    calls.clear()
+
+    def interrupted_twice(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", interrupted_twice)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(tmp_path / "twice", tiny_model_dir, eval_steps=0, save_steps=100))
+
+
 def test_resume_options(tmp_path):
     assert find_resume_checkpoint(tmp_path / "none", "auto") is None
     assert find_resume_checkpoint(tmp_path, "never") is None
