@@ -9,16 +9,27 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+
+def _temp_name(path: Path) -> Path:
+    """A fresh hidden name next to `path`, for the temporary file or folder renamed onto it.
+
+    Not tempfile.mkstemp/mkdtemp: they create with mode 0600/0700, which the rename keeps, so a merged model
+    written by root would be unreadable to another user (a serving container). Creating with 0666/0777 lets the
+    kernel apply the umask (and a folder's default ACL) as for any other file, without reading or changing the
+    process-wide umask. O_EXCL / mkdir refuse an existing name, so a clash fails instead of overwriting."""
+    return path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _temp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -53,7 +64,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _temp_name(path)
+    tmp.mkdir(mode=0o777)
     try:
         yield tmp
     except BaseException:

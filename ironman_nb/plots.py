@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 from pathlib import Path
 
 from .config import PlotConfig
@@ -43,13 +44,22 @@ def series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 
 def smooth(values: list[float], weight: float) -> list[float]:
-    """Debiased exponential moving average (as TensorBoard draws it)."""
+    """Debiased exponential moving average (as TensorBoard draws it) of the finite values.
+
+    An inf or NaN (fp16 runs go on through an overflowed gradient norm) is skipped: its place gets the average so
+    far (NaN before the first finite value, which matplotlib leaves out), so it does not poison the rest."""
     out, last, norm = [], 0.0, 0.0
     for value in values:
-        last = weight * last + (1 - weight) * value
-        norm = weight * norm + (1 - weight)
-        out.append(last / norm)
+        if math.isfinite(value):
+            last = weight * last + (1 - weight) * value
+            norm = weight * norm + (1 - weight)
+        out.append(last / norm if norm else math.nan)
     return out
+
+
+def nan_min(values: list[float]) -> float:
+    """The smallest value that is not NaN (min() with a NaN answers by order); NaN when all are."""
+    return min((v for v in values if not math.isnan(v)), default=math.nan)
 
 
 def epoch_marks(history: list[dict]) -> list[tuple[float, int]]:
@@ -136,7 +146,7 @@ class PlotResult:
         for key in SERIES:
             steps, values = series(self.history, key)
             if values:
-                rows.append((key, steps[-1], values[-1], min(values)))
+                rows.append((key, steps[-1], values[-1], nan_min(values)))
         return pd.DataFrame(rows, columns=["series", "last step", "last value", "minimum"]).set_index("series")
 
 

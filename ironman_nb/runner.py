@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import hashlib
 import dataclasses
 import datetime as _dt
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -116,6 +120,10 @@ def _absolute_paths(params: dict[str, Any], base: Path) -> dict[str, Any]:
         value = out.get(key)
         if isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).is_dir():
             out[key] = str((base / value).resolve())
+    # A checkpoint to resume from is a path too; "auto" and "never" are words, not folder names.
+    value = out.get("resume")
+    if isinstance(value, str) and value and value not in ("auto", "never") and not Path(value).is_absolute():
+        out["resume"] = str((base / value).resolve())
     return out
 
 
@@ -187,6 +195,18 @@ def fingerprint(stage: Stage, params: dict[str, Any], run_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def stage_output(params: dict[str, Any]) -> Path:
+    """What a stage leaves in the run folder: its output_dir; for 06, which uploads, the model card it writes."""
+    return Path(params["output_dir"]) if "output_dir" in params else Path(params["model_dir"]) / "README.md"
+
+
+def _is_missing(path: Path) -> bool:
+    """Deleted or empty: `rm -rf run/merged` to free disk must make the next run merge again."""
+    if path.is_dir():
+        return not any(path.iterdir())
+    return not path.is_file() or path.stat().st_size == 0
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -225,7 +245,7 @@ def run(profile: str = "quick", params_file: str | None = None, run_dir: str | N
         stage_fingerprint = fingerprint(stage, per_stage[stage.name], run_path)
         previous = status["stages"].get(stage.name, {})
         if (not force and previous.get("status") == "done" and previous.get("fingerprint") == stage_fingerprint
-                and output.is_file()):
+                and output.is_file() and not _is_missing(stage_output(per_stage[stage.name]))):
             print(f"[ironman_nb] {stage.name} skipped: done before with the same inputs and parameters", flush=True)
             continue
         entry = {"status": "running", "started": _now(), "params": per_stage[stage.name], "notebook": str(output),
@@ -234,24 +254,34 @@ def run(profile: str = "quick", params_file: str | None = None, run_dir: str | N
         atomic_write_json(status_path, status)
         print(f"[ironman_nb] {stage.name} …", flush=True)
         started = time.perf_counter()
+        received: list[int] = []  # termination signals that arrived while the stage ran
         try:
-            pm.execute_notebook(
-                str(stage.notebook),
-                str(output),
-                parameters=per_stage[stage.name],
-                cwd=str(NOTEBOOK_DIR),
-                kernel_name="python3",
-                progress_bar=False,
-                log_output=log_output,
-            )
-        except pm.PapermillExecutionError as err:
-            entry.update(status="failed", finished=_now(), seconds=round(time.perf_counter() - started, 1),
-                         error=f"{err.ename}: {err.evalue}")
+            with _forward_termination(received):
+                pm.execute_notebook(
+                    str(stage.notebook),
+                    str(output),
+                    parameters=per_stage[stage.name],
+                    cwd=str(NOTEBOOK_DIR),
+                    kernel_name="python3",
+                    progress_bar=False,
+                    log_output=log_output,
+                )
+        except BaseException as err:  # whatever stops the stage (a dead kernel, Ctrl-C) is recorded, then passed on
+            interrupted = bool(received) or isinstance(err, KeyboardInterrupt)
+            error = stage_error(err, received, output)
+            entry.update(status="interrupted" if interrupted else "failed", finished=_now(),
+                         seconds=round(time.perf_counter() - started, 1), error=error)
             atomic_write_json(status_path, status)
-            raise StageFailed(stage.name, f"{err.ename}: {err.evalue}", output) from None
+            if isinstance(err, KeyboardInterrupt) and not received:
+                raise
+            raise StageFailed(stage.name, error, output, signum=received[0] if received else None) from None
         entry.update(status="done", finished=_now(), seconds=round(time.perf_counter() - started, 1))
         atomic_write_json(status_path, status)
         print(f"[ironman_nb] {stage.name} done in {entry['seconds']} s → {output}", flush=True)
+        if received:  # the signal came as the stage ended: it is done, and the run stops here as asked
+            name = signal.Signals(received[0]).name
+            raise StageFailed(stage.name, f"{name} received as it finished; run the same command again to go on with "
+                              "the next stage", output, signum=received[0])
     return run_path
 
 
@@ -265,10 +295,94 @@ def runs_on_machine_zero(stage: Stage, per_stage: dict[str, dict]) -> str | None
     return None
 
 
+def stage_error(err: BaseException, received: list[int], output: Path) -> str:
+    """What stopped a stage and what to do, for status.json and the terminal."""
+    import papermill as pm
+    from nbclient.exceptions import DeadKernelError
+
+    if isinstance(err, pm.PapermillExecutionError):
+        cause = f"{err.ename}: {err.evalue}"
+    elif isinstance(err, DeadKernelError):
+        cause = ("the notebook's kernel died, most often because the machine ran out of memory and the Linux OOM "
+                 "killer stopped it (`dmesg` or the pod's events say so); the rendered notebook "
+                 f"{output} shows the last cell it ran. Free memory or lower the stage's memory use, then run the "
+                 "same command again")
+    elif isinstance(err, KeyboardInterrupt) and not received:
+        cause = "interrupted (Ctrl-C)"
+    else:
+        cause = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    if not received:
+        return cause
+    return (f"{signal.Signals(received[0]).name} received: the run stopped. Run the same command again to continue: "
+            "finished stages are skipped and training resumes from its last checkpoint (resume='auto'). The stage "
+            f"ended with: {cause}")
+
+
+# While a stage runs, these stop the run by way of the kernel; SIGHUP arrives when the terminal is closed.
+TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _forward_termination(received: list[int]):
+    """Pass SIGTERM/SIGHUP on to the kernel as SIGTERM and keep waiting for it; a second one stops waiting.
+
+    jupyter_client starts the kernel in a session of its own, so a signal to the runner (a pod stopping, `kill`,
+    a closed terminal) never reaches it: without this the runner dies, the kernel follows without saving, and
+    status.json stays "running". A signal ignored when the runner started (SIGHUP under nohup) stays ignored.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopped waiting for the kernel")
+        received.append(signum)
+        kernels = _child_pids()  # jupyter_client started the kernel as this process's child
+        for pid in kernels:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        if not kernels:  # nothing to wait for (the kernel is not started yet, or there is no /proc to find it)
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name}: no kernel to wait for")
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            print(f"[ironman_nb] {signal.Signals(signum).name} received: asked the kernel to stop (training saves a "
+                  "checkpoint first) and waiting for it; send SIGTERM again to stop without waiting", flush=True)
+
+    previous = {}
+    for signum in TERMINATION_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
+
+
+def _child_pids() -> list[int]:
+    """This process's children (the kernel papermill started), from /proc/<pid>/stat; none where there is no /proc."""
+    me, children = os.getpid(), []
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:  # it ended meanwhile
+            continue
+        # "pid (name) state ppid ...": the name may hold spaces and parentheses, so split after the last ")".
+        if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+            children.append(int(entry.name))
+    return children
+
+
 class StageFailed(RuntimeError):
-    def __init__(self, stage: str, error: str, notebook: Path):
-        super().__init__(f"stage {stage} failed: {error}\nrendered notebook with the traceback: {notebook}")
+    """A stage failed, or was interrupted by `signum` (the run then exits with 128 + signum)."""
+
+    def __init__(self, stage: str, error: str, notebook: Path, signum: int | None = None):
+        verb = "interrupted" if signum else "failed"
+        super().__init__(f"stage {stage} {verb}: {error}\nrendered notebook: {notebook}")
         self.stage = stage
+        self.exit_code = 128 + signum if signum else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
         run_path = run(ns.profile, ns.params, ns.run_dir, overrides, force=ns.force)
     except (ConfigError, StageFailed) as err:
         print(f"[ironman_nb] {err}", file=sys.stderr)
-        return 2 if isinstance(err, ConfigError) else 1
+        return 2 if isinstance(err, ConfigError) else err.exit_code
+    except KeyboardInterrupt:
+        print("[ironman_nb] interrupted (Ctrl-C); status.json records the stage that was running as interrupted. "
+              "Run the same command again to continue.", file=sys.stderr)
+        return 128 + signal.SIGINT
     print(f"[ironman_nb] run complete: {run_path}")
     return 0

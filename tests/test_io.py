@@ -1,5 +1,6 @@
 import json
 import os
+import stat
 
 import pytest
 
@@ -49,6 +50,21 @@ def test_atomic_dir_keeps_the_earlier_folder_on_error(tmp_path):
     with atomic_dir(target) as tmp:
         (tmp / "weights").write_text("v2")
     assert (target / "weights").read_text() == "v2"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=lambda mask: f"umask-{mask:03o}")
+def test_written_files_and_folders_follow_the_umask(tmp_path, umask):
+    """Not mkstemp's 0600 / mkdtemp's 0700: a merged model written by root must be readable by a serving container
+    running as another user, as any file written under umask 022 is."""
+    previous = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "run_config.json", "{}")
+        with atomic_dir(tmp_path / "merged") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"weights")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "run_config.json").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o777 & ~umask
 
 
 def test_read_jsonl_names_the_bad_line(tmp_path):

@@ -1,10 +1,11 @@
 import json
+import math
 
 import pytest
 
 from conftest import DATA
 from ironman_nb.config import PlotConfig
-from ironman_nb.plots import epoch_marks, load_log_history, plot_training, series, smooth
+from ironman_nb.plots import epoch_marks, figure, load_log_history, plot_training, series, smooth
 
 
 @pytest.mark.parametrize("name, points", [("recipe_qwen2_trainer_state.json", 41), ("recipe_llama3_trainer_state.json", 51)])
@@ -46,6 +47,23 @@ def test_smoothing_is_a_debiased_moving_average():
     assert smooth([1.0, 3.0], 0.0) == [1.0, 3.0]
     values = smooth([4.0, 0.0], 0.5)
     assert values[0] == 4.0 and values[1] == pytest.approx((0.5 * 0.5 * 4.0) / 0.75)
+
+
+def test_an_inf_or_nan_is_skipped_by_the_smoothed_line_and_the_minimum(tmp_path):
+    """fp16 runs go on through an overflowed (inf) gradient norm: one such point must not make the smoothed line
+    inf or NaN from then on, and the summary's minimum must not depend on where a NaN sits."""
+    inf, nan = float("inf"), float("nan")
+    smoothed = smooth([inf, 4.0, nan, 0.0], 0.5)
+    assert math.isnan(smoothed[0])  # nothing to average yet: matplotlib leaves the point out
+    assert smoothed[1:] == [4.0, 4.0, pytest.approx((0.5 * 0.5 * 4.0) / 0.75)]
+    history = [{"step": s, "epoch": s / 5, "loss": loss, "grad_norm": norm}
+               for s, loss, norm in ((1, nan, inf), (2, 2.0, inf), (3, 1.0, 0.9), (4, 1.5, nan), (5, 1.2, 0.8))]
+    line = next(l for l in figure(history, "grad_norm").axes[0].lines if "smoothed" in l.get_label())
+    assert all(math.isfinite(y) for y in line.get_ydata()[2:])
+    state = tmp_path / "trainer_state.json"
+    state.write_text(json.dumps({"log_history": history}))  # Python's json writes NaN and Infinity, as the Trainer does
+    summary = plot_training(PlotConfig(trainer_state=str(state), output_dir=str(tmp_path / "plots"))).last_values()
+    assert summary.loc["loss", "minimum"] == 1.0 and summary.loc["grad_norm", "minimum"] == 0.8
 
 
 def test_state_without_curves_is_refused(tmp_path):

@@ -83,19 +83,21 @@ def test_non_finite_loss_fails_the_run_and_merge_refuses_it(tmp_path, tiny_model
         merge(MergeConfig(base_model=str(broken_model), adapter_dir=str(adapter), output_dir=str(tmp_path / "merged")))
 
 
-def test_runner_skips_stages_done_with_unchanged_inputs(tmp_path, monkeypatch):
+def fake_notebooks(monkeypatch, raises=None):
+    """papermill.execute_notebook replaced by a stand-in: each stage writes one file into its output folder (06 only
+    its model card into the merged folder, which is no input of any stage), or `raises[stage]()` is raised.
+    Returns the list of notebooks run."""
     import papermill
-
-    from ironman_nb import runner
 
     calls = []
 
     def fake_execute(notebook, output, parameters, **kwargs):
         calls.append(os.path.basename(notebook))
         stage = os.path.basename(notebook)[:-6]
+        if stage in (raises or {}):
+            raise raises[stage]()
         out = parameters.get("output_dir") or parameters.get("model_dir")
         os.makedirs(out, exist_ok=True)
-        # 06 writes only its model card into the merged folder, which is no input of any stage.
         name = "README.md" if "model_dir" in parameters else "trainer_state.json" if stage == "02_train_lora" else f"{stage}.out"
         with open(os.path.join(out, name), "w") as handle:
             handle.write(str(time.time_ns()))
@@ -103,8 +105,20 @@ def test_runner_skips_stages_done_with_unchanged_inputs(tmp_path, monkeypatch):
             handle.write("{}")
 
     monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
-    sheet = tmp_path / "sheet.csv"
-    sheet.write_text("instruction,input,output\nq,,a\n")
+    return calls
+
+
+def write_sheet(path, rows=1):
+    rows = "".join(f"질문 {i},,답 {i}\n" for i in range(rows))
+    path.write_text("instruction,input,output\n" + rows, encoding="utf-8")
+    return path
+
+
+def test_runner_skips_stages_done_with_unchanged_inputs(tmp_path, monkeypatch):
+    from ironman_nb import runner
+
+    calls = fake_notebooks(monkeypatch)
+    sheet = write_sheet(tmp_path / "sheet.csv")
     run_dir = tmp_path / "run"
     runner.run("quick", run_dir=str(run_dir), overrides={"input_path": str(sheet)}, log_output=False)
     assert len(calls) == 6
@@ -131,6 +145,145 @@ def test_runner_skips_stages_done_with_unchanged_inputs(tmp_path, monkeypatch):
     runner.run("quick", run_dir=str(run_dir), overrides={"input_path": str(sheet), "02_train_lora": {"lora_r": 4},
                                                           "05_compare": {"max_prompts": 3}}, log_output=False, force=True)
     assert len(calls) == 6
+
+
+def test_a_stage_whose_output_was_deleted_runs_again(tmp_path, monkeypatch):
+    """`rm -rf run/merged` to free disk (the disk-full advice says so): the next run merges again instead of
+    skipping 04 and failing in 05; an emptied folder counts as deleted."""
+    import shutil
+
+    from ironman_nb import runner
+
+    calls = fake_notebooks(monkeypatch)
+    overrides = {"input_path": str(write_sheet(tmp_path / "sheet.csv"))}
+    run_dir = tmp_path / "run"
+    runner.run("quick", run_dir=str(run_dir), overrides=overrides, log_output=False)
+    shutil.rmtree(run_dir / "merged")
+    calls.clear()
+    runner.run("quick", run_dir=str(run_dir), overrides=overrides, log_output=False)
+    assert calls == ["04_merge_lora.ipynb", "05_compare.ipynb", "06_push_to_hub.ipynb"]
+    for chart in (run_dir / "plots").iterdir():
+        chart.unlink()
+    calls.clear()
+    runner.run("quick", run_dir=str(run_dir), overrides=overrides, log_output=False)
+    assert calls == ["03_plot_training.ipynb", "06_push_to_hub.ipynb"]  # the card shows the charts
+
+
+def test_a_dead_kernel_or_ctrl_c_is_recorded_in_the_status(tmp_path, monkeypatch, capsys):
+    """The OOM killer ends the kernel (nbclient's DeadKernelError), or Ctrl-C stops the runner: status.json says
+    so instead of staying "running"."""
+    from nbclient.exceptions import DeadKernelError
+
+    from ironman_nb.runner import StageFailed, main, run
+
+    fake_notebooks(monkeypatch, raises={"02_train_lora": lambda: DeadKernelError("Kernel died")})
+    overrides = {"input_path": str(write_sheet(tmp_path / "sheet.csv"))}
+    run_dir = tmp_path / "run"
+    with pytest.raises(StageFailed, match="stage 02_train_lora failed: the notebook's kernel died") as failed:
+        run("quick", run_dir=str(run_dir), overrides=overrides, log_output=False)
+    assert failed.value.exit_code == 1
+    entry = json.loads((run_dir / "status.json").read_text())["stages"]["02_train_lora"]
+    assert entry["status"] == "failed"
+    assert "ran out of memory" in entry["error"] and str(run_dir / "02_train_lora.ipynb") in entry["error"]
+
+    fake_notebooks(monkeypatch, raises={"02_train_lora": KeyboardInterrupt})
+    assert main(["run", "--run-dir", str(run_dir), "-p", "input_path", overrides["input_path"]]) == 130
+    assert "interrupted (Ctrl-C)" in capsys.readouterr().err
+    entry = json.loads((run_dir / "status.json").read_text())["stages"]["02_train_lora"]
+    assert entry["status"] == "interrupted" and entry["error"] == "interrupted (Ctrl-C)"
+
+
+def test_sigterm_to_the_runner_reaches_the_kernel_which_saves_a_checkpoint(tmp_path, tiny_model_dir):
+    """`kill <runner>` (a pod being stopped): jupyter_client starts the kernel in a session of its own, so only the
+    runner gets the signal. It passes it on and waits while training saves a checkpoint, then records the stage."""
+    run_dir = tmp_path / "run"
+    sheet = write_sheet(tmp_path / "sheet.csv", rows=20)
+    command = [sys.executable, "-m", "ironman_nb", "run", "--run-dir", str(run_dir), "-p", "input_path", str(sheet),
+               "-p", "base_model", str(tiny_model_dir),
+               "-p", "02_train_lora", "{max_steps: 500, save_steps: 1000, eval_steps: 0, per_device_train_batch_size: 2}"]
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "[train] step 3/500" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    try:
+        rest, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()  # only if it hangs: a no-op once it has ended
+    output = "".join(lines) + rest
+    assert process.returncode == 128 + signal.SIGTERM, output
+    checkpoints = sorted((run_dir / "adapter" / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1, output
+    stages = json.loads((run_dir / "status.json").read_text())["stages"]
+    assert stages["02_train_lora"]["status"] == "interrupted" and "03_plot_training" not in stages
+    error = stages["02_train_lora"]["error"]
+    assert error.startswith("SIGTERM received") and "TrainingInterrupted" in error
+
+
+@pytest.fixture
+def signals_must_not_reach_pytest():
+    """SIGTERM and SIGHUP fail the test instead of ending pytest, where the runner leaves them unhandled."""
+    def unhandled(signum, frame):
+        raise AssertionError(f"{signal.Signals(signum).name} reached the test: the runner did not handle it")
+
+    previous = {signum: signal.signal(signum, unhandled) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    yield unhandled
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def test_a_closed_terminal_is_passed_on_and_a_second_signal_stops_waiting(tmp_path, monkeypatch,
+                                                                       signals_must_not_reach_pytest):
+    """SIGHUP (the terminal closed) reaches a stand-in kernel, a child process that, like training, goes on after
+    SIGTERM; a second signal stops waiting for it. The run exits with 128 + SIGHUP."""
+    import papermill
+
+    from ironman_nb.runner import StageFailed, run
+
+    stand_in = "import signal, time\nsignal.signal(signal.SIGTERM, lambda s, f: print('got', s, flush=True))\n" \
+               "print('ready', flush=True)\ntime.sleep(60)"
+    kernel = {}
+
+    def fake_execute(notebook, output, parameters, **kwargs):
+        with subprocess.Popen([sys.executable, "-c", stand_in], stdout=subprocess.PIPE, text=True) as child:
+            try:
+                assert child.stdout.readline() == "ready\n"
+                os.kill(os.getpid(), signal.SIGHUP)
+                kernel["got"] = child.stdout.readline()
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # not reached: the second signal stops waiting
+            finally:
+                child.kill()
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    run_dir = tmp_path / "run"
+    with pytest.raises(StageFailed, match="stage 01_prepare_data interrupted: SIGHUP received") as stopped:
+        run("quick", run_dir=str(run_dir), log_output=False)
+    assert kernel["got"] == f"got {int(signal.SIGTERM)}\n"
+    assert stopped.value.exit_code == 128 + signal.SIGHUP
+    entry = json.loads((run_dir / "status.json").read_text())["stages"]["01_prepare_data"]
+    assert entry["status"] == "interrupted" and "second SIGTERM: stopped waiting for the kernel" in entry["error"]
+    assert signal.getsignal(signal.SIGTERM) is signals_must_not_reach_pytest  # handlers restored after the stage
+
+
+def test_sighup_ignored_under_nohup_stays_ignored(tmp_path, monkeypatch, signals_must_not_reach_pytest):
+    """`nohup … &` makes the runner ignore SIGHUP so that a closed terminal does not stop it; that stays so."""
+    import papermill
+
+    from ironman_nb.runner import run
+
+    def fake_execute(notebook, output, parameters, **kwargs):
+        os.kill(os.getpid(), signal.SIGHUP)
+        executed.append(os.path.basename(notebook))
+
+    executed = []
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
+    run("quick", run_dir=str(tmp_path / "run"), log_output=False)
+    assert len(executed) == 6
 
 
 def _tracked_files():

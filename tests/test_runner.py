@@ -108,6 +108,16 @@ def test_stages_are_wired_through_the_run_folder(tmp_path):
     assert per_stage["03_plot_training"]["trainer_state"] == str(tmp_path / "adapter" / "trainer_state.json")
 
 
+def test_a_checkpoint_to_resume_from_is_taken_from_where_the_runner_started(tmp_path):
+    """`-p resume runs/x/adapter/checkpoints/checkpoint-100`, not resolved against notebooks/ in the kernel."""
+    checkpoint = "runs/x/adapter/checkpoints/checkpoint-100"
+    per_stage, problems = stage_params({"resume": checkpoint}, tmp_path / "run", tmp_path)
+    assert problems == [] and per_stage["02_train_lora"]["resume"] == str(tmp_path / checkpoint)
+    for word in ("auto", "never"):
+        per_stage, problems = stage_params({"resume": word}, tmp_path / "run", tmp_path)
+        assert problems == [] and per_stage["02_train_lora"]["resume"] == word
+
+
 def test_a_second_machine_trains_and_leaves_the_later_stages_to_machine_zero(tmp_path, monkeypatch, capsys):
     """The README's two-machine run: the same command on both machines, machine_rank 0 and 1. Machine 1 prepares
     its data and joins the training; plotting, merging, comparing and uploading happen on machine 0, which holds
