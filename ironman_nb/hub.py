@@ -187,10 +187,12 @@ def run_failure(model_dir: str | Path) -> str | None:
         entries = stages.items() if isinstance(stages, dict) else (
             (s.get("name", s.get("stage", "?")), s) for s in stages if isinstance(s, dict))
         for name, entry in entries:
-            if name in producing and isinstance(entry, dict) and entry.get("status") == "failed":
-                error = entry.get("error") or "no error recorded"
-                return (f"stage {name} failed ({mask_secret(str(error))}) according to {status_path}; "
-                        "re-run it so status.json records it as done")
+            state = entry.get("status") if isinstance(entry, dict) else None
+            # "interrupted", or "running" left by a killed run: its outputs may be an earlier run's, or half made.
+            if name in producing and state in ("failed", "interrupted", "running"):
+                error = entry.get("error") or ("it did not finish" if state == "running" else "no error recorded")
+                return (f"stage {name} {'did not finish' if state == 'running' else state} ({mask_secret(str(error))}) "
+                        f"according to {status_path}; re-run it so status.json records it as done")
     run_config = _optional_json(_run_config_path(model_dir))
     if isinstance(run_config, dict) and run_config.get("failed") is True:
         error = run_config.get("error") or "no error recorded"

@@ -7,11 +7,14 @@ its log into the notebook, and fails the cell with the launcher's exit code and 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from .config import TrainConfig
@@ -20,6 +23,8 @@ from .io import atomic_write_json, read_json
 # Set in the launched processes, so `train` runs there instead of launching again.
 LAUNCHED_ENV = "IRONMAN_NB_LAUNCHED"
 LOG_TAIL_LINES = 40
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+PROGRESS_FRAMES = re.compile(r"^.*(?:it/s|s/it)\]")  # up to the end of the last tqdm frame on the line
 ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Failed)\b[\w.]*: ")
 
 
@@ -60,6 +65,30 @@ def launch_command(cfg: TrainConfig, config_path: Path, precision: str) -> list[
     raise ValueError(f"launcher {cfg.launcher!r}: nothing to launch")
 
 
+@contextlib.contextmanager
+def _passed_on_to(process: subprocess.Popen, received: list[int]):
+    """While the launcher runs, SIGTERM and SIGINT (a pod stopping, JupyterLab's Interrupt) go on to it as SIGTERM:
+    accelerate and deepspeed pass that to the training processes, which save a checkpoint and stop. Without this
+    the kernel stops and the training processes run on, orphaned."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        print(f"[launch] {signal.Signals(signum).name}: asked the launcher to stop the training processes (they save "
+              "a checkpoint at the end of the step first)", flush=True)
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
+
+
 def run_launched(cfg: TrainConfig, precision: str, echo=print):
     """Run training under the launcher; stream its output; return the TrainResult it wrote."""
     from .train import TrainResult
@@ -80,16 +109,27 @@ def run_launched(cfg: TrainConfig, precision: str, echo=print):
     env = {**os.environ, LAUNCHED_ENV: "1", "PYTHONUNBUFFERED": "1"}
     tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
     errors: list[str] = []  # the exception lines of the processes' tracebacks: the cause, above the launcher's noise
+    received: list[int] = []  # signals passed on to the launcher
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                          cwd=Path(__file__).resolve().parent.parent) as process:
+                          cwd=Path(__file__).resolve().parent.parent) as process, _passed_on_to(process, received):
         assert process.stdout is not None
-        for line in process.stdout:
-            tail.append(line.rstrip("\n"))
+        for raw in process.stdout:
+            # Progress bars redraw with "\r" and cursor codes and end no line, so the processes' own lines (the
+            # "[train] step" progress among them) arrive glued after a bar's last frame: keep only what follows it.
+            line = PROGRESS_FRAMES.sub("", ANSI_CODES.sub("", raw.rstrip("\n").split("\r")[-1]))
+            tail.append(line)
             if ERROR_LINE.match(line) and line.strip() not in errors:
                 errors.append(line.strip())
-            if not line.startswith(("{'", "  0%")) and "it/s]" not in line:
-                echo(line.rstrip("\n"))
+            if line.strip() and not line.startswith("{'"):  # Trainer's own dict logs repeat the [train] lines
+                echo(line)
         code = process.wait()
+    if received:
+        from .train import TrainingInterrupted
+
+        raise TrainingInterrupted(
+            f"interrupted ({signal.Signals(received[0]).name}): the training processes were asked to save a checkpoint "
+            f"in {output_dir / 'checkpoints'} and stop ({cfg.launcher} exit code {code}); run again with resume='auto' "
+            "to continue")
     if code != 0:
         cause = f"\ncause: {errors[0]}" if errors else ""
         raise LaunchFailed(f"{cfg.launcher} exited with code {code}{cause}\nlast lines of its log:\n" + "\n".join(tail))

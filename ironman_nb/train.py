@@ -1154,6 +1154,9 @@ def sft_config(cfg: TrainConfig, fast: FastPath, checkpoint_dir: Path, do_eval: 
         seed=cfg.seed,
         data_seed=cfg.seed,
         use_cpu=fast.device == "cpu",
+        # Every LoRA weight takes part in every forward: DDP need not walk the autograd graph each step to find
+        # unused ones (transformers' default without checkpointing, which DDP warns costs time every iteration).
+        ddp_find_unused_parameters=False,
         deepspeed=cfg.deepspeed_config if cfg.launcher == "deepspeed" and launched() else None,
         report_to="none",
         dataloader_num_workers=0,

@@ -544,6 +544,11 @@ def test_only_the_stages_that_made_the_model_can_fail_it(run_dir):
     for stage in ("01_prepare_data", "02_train_lora"):
         status(**{stage: "failed"})
         assert f"{stage} failed" in run_failure(merged) and f"{stage} failed" in run_failure(adapter)
+    # interrupted (the runner got SIGTERM), or left "running" by a killed run: the adapter may be an earlier one
+    status(**{"02_train_lora": "interrupted"})
+    assert "02_train_lora interrupted" in run_failure(adapter)
+    status(**{"02_train_lora": "running"})
+    assert "02_train_lora did not finish" in run_failure(adapter)
 
 
 def test_auth_errors_say_where_the_token_came_from(run_dir, token, monkeypatch):

@@ -88,6 +88,34 @@ def test_two_process_accelerate_run_saves_one_adapter_that_merges(tmp_path, tiny
     assert "≤" in merged.checks["max |Δ logit| merged vs base+adapter"]
 
 
+def test_an_interrupted_launch_stops_every_process_at_one_checkpoint(tmp_path, tiny_model_dir):
+    """SIGTERM to the notebook's kernel (a pod stopping, JupyterLab's Interrupt is SIGINT) while two processes
+    train: the launcher gets it, every process saves at the same step and stops; nothing keeps running."""
+    import os
+    import signal
+
+    from ironman_nb.launch import run_launched
+    from ironman_nb.train import TrainingInterrupted
+
+    data = write_chat_data(tmp_path / "data", train_rows=16)
+    cfg = TrainConfig(base_model=str(tiny_model_dir), data_dir=str(data), output_dir=str(tmp_path / "adapter"),
+                      max_steps=200, per_device_train_batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-3,
+                      logging_steps=1, save_steps=1000, eval_steps=0, max_length=512,
+                      launcher="accelerate", num_processes=2, main_process_port=29633)
+    lines = []
+
+    def echo(line):
+        lines.append(line)
+        if line.startswith("[train] step 3/") and not any("[launch] SIGTERM" in seen for seen in lines):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted, match="interrupted \\(SIGTERM\\)"):
+        run_launched(cfg, "fp32", echo=echo)
+    checkpoints = sorted((tmp_path / "adapter" / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and 3 <= int(checkpoints[0].name.split("-")[1]) < 200, "\n".join(lines[-30:])
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_a_failing_launch_reports_code_and_log_tail(tmp_path, tiny_model_dir):
     from ironman_nb.launch import LaunchFailed
     from ironman_nb.train import train
