@@ -66,13 +66,24 @@ def launch_command(cfg: TrainConfig, config_path: Path, precision: str) -> list[
 
 
 @contextlib.contextmanager
+def signals_handled(handler, signums=(signal.SIGTERM, signal.SIGINT)):
+    """Within the block `handler` takes these signals, and the earlier handlers come back after it. Only the main
+    thread may set handlers; elsewhere the block runs with the signals as they were."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
+
+
 def _passed_on_to(process: subprocess.Popen, received: list[int]):
     """While the launcher runs, SIGTERM and SIGINT (a pod stopping, JupyterLab's Interrupt) go on to it as SIGTERM:
     accelerate and deepspeed pass that to the training processes, which save a checkpoint and stop. Without this
     the kernel stops and the training processes run on, orphaned."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def handler(signum, frame):
         received.append(signum)
@@ -81,12 +92,7 @@ def _passed_on_to(process: subprocess.Popen, received: list[int]):
         print(f"[launch] {signal.Signals(signum).name}: asked the launcher to stop the training processes (they save "
               "a checkpoint at the end of the step first)", flush=True)
 
-    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for signum, earlier in previous.items():
-            signal.signal(signum, earlier)
+    return signals_handled(handler)
 
 
 def run_launched(cfg: TrainConfig, precision: str, echo=print):

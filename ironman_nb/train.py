@@ -18,7 +18,6 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 from .config import ConfigError, TrainConfig
 from .data import DataError, load_chat_records, tokenize_conversation
 from .io import atomic_write_json, disk_space_problem, read_json
-from .launch import launched, run_launched
+from .launch import launched, run_launched, signals_handled
 from .models import (
     attention_implementation,
     gpu_memory,
@@ -1376,14 +1375,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         setup.trainer.accelerator.free_memory()
 
 
-@contextlib.contextmanager
 def _sigterm_sets(callback):
     """While training, SIGTERM and the first interrupt (SIGINT: Ctrl-C, JupyterLab's Interrupt, the first signal of
     a kernel shutdown) only raise a flag that the callback turns into save-and-stop; a second interrupt stops at
     once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def handler(signum, frame):
         if signum == signal.SIGINT and callback.requested:
@@ -1393,12 +1388,7 @@ def _sigterm_sets(callback):
         print(f"[train] {signal.Signals(signum).name} received: saving a checkpoint at the end of this step{again}",
               flush=True)
 
-    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for signum, earlier in previous.items():
-            signal.signal(signum, earlier)
+    return signals_handled(handler)
 
 
 def _save_final(trainer, output_dir: Path, cfg: TrainConfig, run_config: dict) -> None:
