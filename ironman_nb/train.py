@@ -1401,7 +1401,14 @@ def _save_final(trainer, output_dir: Path, cfg: TrainConfig, run_config: dict) -
         output_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
+    if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
+        # Trainer.save_model writes nothing from a sharded FSDP state dict; the adapter needs the full one.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(staging))
+    if main and not (staging / "adapter_model.safetensors").is_file():
+        raise RuntimeError(f"{staging}: saving wrote no adapter_model.safetensors (with FSDP, set fsdp_state_dict_type: "
+                           "FULL_STATE_DICT in the accelerate config); the checkpoints in "
+                           f"{output_dir / 'checkpoints'} are kept")
     if main:
         adapter_config = staging / "adapter_config.json"
         if adapter_config.is_file():

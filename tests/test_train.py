@@ -1121,6 +1121,27 @@ def test_an_interrupt_saves_a_checkpoint_and_a_second_stops_at_once(tmp_path, ti
         train(tiny_cfg(tmp_path / "twice", tiny_model_dir, eval_steps=0, save_steps=100))
 
 
+def test_a_final_save_that_writes_no_adapter_fails_loudly(tmp_path, tiny_model_dir, monkeypatch):
+    """As Trainer.save_model does from a sharded FSDP state dict: the folder, but no adapter file. The run must not
+    end as if it had saved one (notebook 04 would then merge whatever adapter an earlier run left)."""
+    import os
+
+    from transformers import Trainer
+
+    real_save = Trainer.save_model
+
+    def save_no_adapter(self, output_dir=None, _internal_call=False):
+        if _internal_call:  # checkpoints as usual
+            return real_save(self, output_dir, _internal_call)
+        os.makedirs(output_dir, exist_ok=True)
+
+    monkeypatch.setattr(Trainer, "save_model", save_no_adapter)
+    with pytest.raises(RuntimeError, match="saving wrote no adapter_model.safetensors .*FULL_STATE_DICT"):
+        train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=0))
+    assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "adapter" / "run_config.json").exists()
+
+
 def test_resume_options(tmp_path):
     assert find_resume_checkpoint(tmp_path / "none", "auto") is None
     assert find_resume_checkpoint(tmp_path, "never") is None
