@@ -21,17 +21,27 @@ from .models import (few_row_linear, load_model, load_tokenizer, release_gpu_mem
 
 log = logging.getLogger(__name__)
 
-# Answers that call themselves an AI / language model (the persona breaking), in Korean and English.
+# Answers that call themselves an AI / language model (the persona breaking), in Korean and English: a first-person
+# subject (not the end of a word: 발전, 이전), a few words within the sentence, the AI noun and a copula ("저는 AI
+# 어시스턴트입니다"); a model's own self-introduction ("대규모 언어 모델입니다"); "I'm (Name,) an AI assistant".
+# Talk about Jarvis or Friday ("자비스는 내 AI 비서야") and "내가 AI 연구를 했지" are in persona (tests list more).
 PERSONA_BREAK = re.compile(
-    r"(저는|나는|난|전|제가|내가)\s*(그냥\s*)?(AI|인공\s*지능|언어\s*모델|챗봇|어시스턴트|인공지능\s*비서|프로그램)"
-    r"|(AI|인공\s*지능)\s*(언어\s*)?(모델|어시스턴트|비서|챗봇)\s*(입니다|이에요|예요|이야|야|일\s*뿐)"
-    r"|\bI(?:'m| am) (?:an? )?(?:AI|artificial intelligence|language model|assistant|chatbot)\b"
-    r"|\bas an AI\b|언어\s*모델로서|AI로서",
+    r"(?<![가-힣])(?:저는|나는|난|전|제가|내가)\s+[^.!?,\n]{0,30}?"
+    r"(?:AI|인공\s*지능|(?:대규모\s*|대형\s*)?언어\s*모델|챗봇|어시스턴트|비서)\s*(?:모델|어시스턴트|비서|챗봇)?"
+    r"\s*(?:입니다|이에요|예요|이야|야|이라서|로서|일\s*뿐|에\s*불과)"
+    r"|(?:대규모|대형)\s*언어\s*모델\s*(?:입니다|이에요|예요|이야)|언어\s*모델로서"
+    r"|\bI(?:'m| am)(?: [A-Z][\w-]*,)? (?:just |only )?(?:an? |the )?(?:large )?"
+    r"(?:AI|artificial intelligence|language model|chatbot|(?:AI |virtual )?assistant)\b"
+    r"|\bas an AI\b",
     re.IGNORECASE,
 )
-# Words that mark Tony Stark's world: a small, documented lexicon (README: "Comparison metrics").
-PERSONA_MARKERS = ("토니", "스타크", "아이언맨", "슈트", "수트", "자비스", "프라이데이", "아크 원자로", "원자로",
-                   "페퍼", "로디", "어벤져스", "스타크 인더스트리", "천재", "억만장자")
+# Words of Tony Stark's world (README: "Comparison metrics"), as whole words: not inside another word (멜로디,
+# 안토니오, 스타크래프트, 페퍼민트) but with a particle after them (토니가, 슈트를).
+PERSONA_MARKERS = ("토니", "스타크", r"토니\s*스타크", r"아이언\s*맨", "슈트", "수트", "자비스", "프라이데이", r"아크\s*원자로",
+                   "페퍼", "로디", "어벤[져저]스", "억만장자", "Tony", "Stark", r"Iron\s*Man", r"J\.?A\.?R\.?V\.?I\.?S", "FRIDAY")
+PARTICLE = "(?:[은는이가을를의에와과도만야아여님씨랑께로라란]|한테|에게|으로|처럼|보다|까지|부터|하고|이고|이야|이랑|였|이었)"
+PERSONA_MARKER = re.compile(
+    "(?<![가-힣A-Za-z])(?:" + "|".join(PERSONA_MARKERS) + f")(?:(?![가-힣A-Za-z])|(?={PARTICLE}))", re.IGNORECASE)
 HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
 HAN = re.compile(r"[\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff]")
 BOOTSTRAP_SAMPLES = 2000
@@ -47,23 +57,27 @@ def answer_stats(text: str, ended: bool) -> dict:
     hangul = sum(1 for c in letters if HANGUL.match(c))
     return {
         "ended_with_eot": ended,
-        "hangul_share": round(hangul / len(letters), 4) if letters else 0.0,
+        "hangul_share": round(hangul / len(letters), 4) if letters else None,  # no letters: says nothing
         "has_han": bool(HAN.search(text)),
         "persona_break": bool(PERSONA_BREAK.search(text)),
-        "persona_marker": any(m in text for m in PERSONA_MARKERS),
+        "persona_marker": bool(PERSONA_MARKER.search(text)),
         "chars": len(text),
     }
 
 
 def summarise(stats: list[dict]) -> dict:
-    n = len(stats) or 1
+    """Means over the answers (None where there is nothing to average: no answers, or no answer with letters)."""
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
     return {
-        "eot_rate": sum(s["ended_with_eot"] for s in stats) / n,
-        "hangul_share": sum(s["hangul_share"] for s in stats) / n,
-        "han_rate": sum(s["has_han"] for s in stats) / n,
-        "persona_break_rate": sum(s["persona_break"] for s in stats) / n,
-        "persona_marker_rate": sum(s["persona_marker"] for s in stats) / n,
-        "mean_chars": sum(s["chars"] for s in stats) / n,
+        "eot_rate": mean(s["ended_with_eot"] for s in stats),
+        "hangul_share": mean(s["hangul_share"] for s in stats),
+        "han_rate": mean(s["has_han"] for s in stats),
+        "persona_break_rate": mean(s["persona_break"] for s in stats),
+        "persona_marker_rate": mean(s["persona_marker"] for s in stats),
+        "mean_chars": mean(s["chars"] for s in stats),
     }
 
 
@@ -165,12 +179,14 @@ def paired_bootstrap(before: list[tuple[float, int]], after: list[tuple[float, i
     """95 % interval of (after − before) token-weighted mean NLL, resampling held-out samples in pairs."""
     import numpy as np
 
-    b_sum, counts = np.array([s for s, _ in before]), np.array([c for _, c in before], dtype=float)
-    a_sum = np.array([s for s, _ in after])
+    # Each side's mean over its own token counts, as metrics.json reports eval_nll (they differ where the two
+    # tokenizers or chat templates do).
+    b_sum, b_count = np.array([s for s, _ in before]), np.array([c for _, c in before], dtype=float)
+    a_sum, a_count = np.array([s for s, _ in after]), np.array([c for _, c in after], dtype=float)
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(counts), size=(samples, len(counts)))
-    diffs = (a_sum[idx].sum(1) - b_sum[idx].sum(1)) / counts[idx].sum(1)
-    point = (a_sum.sum() - b_sum.sum()) / counts.sum()
+    idx = rng.integers(0, len(b_count), size=(samples, len(b_count)))
+    diffs = a_sum[idx].sum(1) / a_count[idx].sum(1) - b_sum[idx].sum(1) / b_count[idx].sum(1)
+    point = a_sum.sum() / a_count.sum() - b_sum.sum() / b_count.sum()
     low, high = np.percentile(diffs, [2.5, 97.5])
     return {"difference": float(point), "ci95": [float(low), float(high)], "bootstrap_samples": samples}
 
@@ -199,7 +215,9 @@ class CompareResult:
 
 def _markdown(rows: list[dict], metrics: dict) -> str:
     def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", "<br>")
+        # One table row per answer, shown as text: no raw HTML of the model's, no stray "|" or line break.
+        text = html.escape(text.replace("\r\n", "\n").replace("\r", "\n"), quote=False)
+        return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>")
 
     lines = ["# Before / after fine-tuning", "", f"- base: `{metrics['base_model']}`", f"- tuned: `{metrics['tuned_model']}`"]
     nll = metrics["eval_nll_difference"]
@@ -235,13 +253,17 @@ def metrics_chart(metrics: dict):
     keys = [k for k in keys if k != "mean_chars"]
     fig, (ax_rates, ax_nll) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [4, 1]})
     x = range(len(keys))
-    ax_rates.bar([i - 0.2 for i in x], [metrics["before"]["answers"][k] for k in keys], 0.4, label="before")
-    ax_rates.bar([i + 0.2 for i in x], [metrics["after"]["answers"][k] for k in keys], 0.4, label="after")
+
+    def bar(value):  # a measure with nothing to average (None) draws no bar rather than a zero
+        return float("nan") if value is None else value
+
+    ax_rates.bar([i - 0.2 for i in x], [bar(metrics["before"]["answers"][k]) for k in keys], 0.4, label="before")
+    ax_rates.bar([i + 0.2 for i in x], [bar(metrics["after"]["answers"][k]) for k in keys], 0.4, label="after")
     ax_rates.set_xticks(list(x), keys, rotation=20)
     ax_rates.set_ylim(0, 1)
     ax_rates.set_title("answers")
     ax_rates.legend()
-    ax_nll.bar(["before", "after"], [metrics["before"]["eval_nll"] or 0, metrics["after"]["eval_nll"] or 0], color=["C0", "C1"])
+    ax_nll.bar(["before", "after"], [bar(metrics["before"]["eval_nll"]), bar(metrics["after"]["eval_nll"])], color=["C0", "C1"])
     ax_nll.set_title("held-out NLL")
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -365,7 +387,7 @@ def compare(cfg: CompareConfig) -> CompareResult:
         "before": {"eval_nll": mean_nll(nll_before), "answers": summarise([r["before_stats"] for r in rows])},
         "after": {"eval_nll": mean_nll(nll_after), "answers": summarise([r["after_stats"] for r in rows])},
         "eval_nll_difference": paired_bootstrap(nll_before, nll_after) if nll_before else None,
-        "lexicons": {"persona_markers": list(PERSONA_MARKERS), "persona_break_pattern": PERSONA_BREAK.pattern},
+        "lexicons": {"persona_marker_pattern": PERSONA_MARKER.pattern, "persona_break_pattern": PERSONA_BREAK.pattern},
     }
     out = Path(cfg.output_dir)
     atomic_write_jsonl(out / "comparison.jsonl", rows)

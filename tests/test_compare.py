@@ -94,6 +94,43 @@ def test_answer_statistics_on_hand_made_answers():
     assert summary["eot_rate"] == 0.5 and summary["han_rate"] == 0.5 and summary["persona_break_rate"] == 0.5
 
 
+BREAKS = ["저는 AI 어시스턴트입니다", "저는 Qwen입니다. 알리바바 클라우드에서 만든 대규모 언어 모델입니다.",
+          "저는 대형 언어 모델입니다", "나는 그냥 AI야", "저는 인공지능 비서예요", "저는 OpenAI에서 만든 AI 모델입니다",
+          "저는 AI로서 답할게요", "언어 모델로서 말씀드리면", "I'm an AI assistant", "I am a large language model",
+          "I'm Claude, an AI assistant", "As an AI, I cannot."]
+IN_PERSONA = ["자비스는 내 AI 비서야", "프라이데이는 AI 어시스턴트야", "FRIDAY는 AI 어시스턴트예요", "발전 AI 기술은 끝이 없지",
+              "완전 인공지능 시대야", "이전 AI 모델은 느렸어", "안전 프로그램을 돌려", "도전 챗봇이라니", "나는 프로그램을 짜는 천재야",
+              "내가 AI 연구를 좀 했지", "난 AI를 만들었지", "제가 인공지능에 대해 말씀드리면", "전 AI가 싫어", "나는 아이언맨이야",
+              "I'm building an AI", "I am Iron Man"]
+
+
+def test_persona_break_means_the_answer_calling_itself_an_ai():
+    assert [t for t in BREAKS if not answer_stats(t, True)["persona_break"]] == []
+    assert [t for t in IN_PERSONA if answer_stats(t, True)["persona_break"]] == []
+
+
+def test_persona_markers_are_whole_words_with_their_particles():
+    marked = ["토니가 왔다", "나는 토니스타크", "아이언 맨 슈트를 입고", "어벤저스 회의", "JARVIS, 준비해", "아크 원자로 가동",
+              "Tony Stark here"]
+    unmarked = ["멜로디가 좋네요", "페퍼민트 차", "스타크래프트 게임", "안토니오", "천재적인 발상", "원자로 안전 점검"]
+    assert [t for t in marked if not answer_stats(t, True)["persona_marker"]] == []
+    assert [t for t in unmarked if answer_stats(t, True)["persona_marker"]] == []
+
+
+def test_answers_without_letters_do_not_count_in_the_hangul_share():
+    empty, korean = answer_stats("", True), answer_stats("안녕", True)
+    assert empty["hangul_share"] is None and summarise([empty, korean])["hangul_share"] == 1.0
+    assert summarise([])["eot_rate"] is None
+
+
+def test_markdown_rows_hold_answers_as_text():
+    from ironman_nb.compare import _markdown
+
+    text = _markdown([{"prompt": "첫 줄\r\n둘째 줄", "before": "<details>숨김", "after": "a | b"}],
+                     {"base_model": "b", "tuned_model": "t", "eval_nll_difference": None})
+    assert text.splitlines()[-1] == "| 1 | 첫 줄<br>둘째 줄 | &lt;details&gt;숨김 | a \\| b |"
+
+
 def test_cut_off_hangul_is_trimmed():
     assert clean_answer("완벽하\ufffd") == "완벽하"
 
@@ -105,6 +142,10 @@ def test_paired_bootstrap_interval_brackets_the_difference():
     assert result["difference"] == pytest.approx((29.5 - 39.0) / 20)
     low, high = result["ci95"]
     assert low <= result["difference"] <= high < 0
+    # Each side's mean over its own token counts, as metrics.json reports eval_nll (another tokenizer or template
+    # on one side gives other counts): 2.0 → 1.5 here, not (27 − 30) / 15.
+    other = paired_bootstrap([(10.0, 5), (20.0, 10)], [(9.0, 6), (18.0, 12)], samples=200)
+    assert other["difference"] == pytest.approx(1.5 - 2.0)
 
 
 def test_compare_writes_every_output(tmp_path, tiny_model_dir):
