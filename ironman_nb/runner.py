@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +24,7 @@ from typing import Any, Callable
 from .config import CompareConfig, ConfigError, MergeConfig, PlotConfig, PrepareConfig, PushConfig, StageConfig, TrainConfig
 from .data import URL_LIKE
 from .io import atomic_write_json
+from .launch import signals_handled
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
@@ -322,7 +322,6 @@ def stage_error(err: BaseException, received: list[int], output: Path) -> str:
 TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
-@contextlib.contextmanager
 def _forward_termination(received: list[int]):
     """Pass SIGTERM/SIGHUP on to the kernel as SIGTERM and keep waiting for it; a second one stops waiting.
 
@@ -330,9 +329,6 @@ def _forward_termination(received: list[int]):
     a closed terminal) never reaches it: without this the runner dies, the kernel follows without saving, and
     status.json stays "running". A signal ignored when the runner started (SIGHUP under nohup) stays ignored.
     """
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
 
     def handler(signum, frame):
         if received:
@@ -348,15 +344,7 @@ def _forward_termination(received: list[int]):
             print(f"[ironman_nb] {signal.Signals(signum).name} received: asked the kernel to stop (training saves a "
                   "checkpoint first) and waiting for it; send SIGTERM again to stop without waiting", flush=True)
 
-    previous = {}
-    for signum in TERMINATION_SIGNALS:
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            previous[signum] = signal.signal(signum, handler)
-    try:
-        yield
-    finally:
-        for signum, earlier in previous.items():
-            signal.signal(signum, earlier)
+    return signals_handled(handler, [s for s in TERMINATION_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN])
 
 
 def _child_pids() -> list[int]:

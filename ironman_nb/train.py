@@ -1188,12 +1188,14 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     precision = resolve_precision(cfg.precision, device)
     if model is None:
         model = load_model(cfg.base_model, precision, device, cfg.quantization)
-    if device == "cuda" and not cfg.max_memory_gib:
-        held = gpu_memory()
-        if held.elsewhere > GPU_HELD_ELSEWHERE_NOTICE:
-            log.warning("%.1f of this GPU's %.1f GiB are held outside this training (another Jupyter kernel or "
-                        "process? `nvidia-smi` lists them); `auto` plans for the %.1f GiB left", held.elsewhere / 2**30,
-                        held.total / 2**30, held.available / 2**30)
+    # Asked once, with the model loaded: every plan below is for the memory this process can use.
+    held = gpu_memory() if device == "cuda" and not cfg.max_memory_gib else None
+    if held and held.elsewhere > GPU_HELD_ELSEWHERE_NOTICE:
+        log.warning("%.1f of this GPU's %.1f GiB are held outside this training (another Jupyter kernel or "
+                    "process? `nvidia-smi` lists them); `auto` plans for the %.1f GiB left", held.elsewhere / 2**30,
+                    held.total / 2**30, held.available / 2**30)
+    device_memory = held.available if held else None
+    budget = memory_budget(cfg, device, device_memory)
     parameter_count = model.num_parameters()
     longest = longest_sample(train_ds)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -1213,7 +1215,7 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     def estimate_as_run(batch: int, mlp_kept: int = 4) -> MemoryEstimate | None:
         return estimate(batch, bool(prefix) and wants_shared_prefix(cfg, device, world_size, batch), mlp_kept)
 
-    micro_batch = choose_micro_batch(cfg, device, world_size, estimate_as_run, memory_budget(cfg, device))
+    micro_batch = choose_micro_batch(cfg, device, world_size, estimate_as_run, budget)
     if micro_batch != cfg.per_device_train_batch_size:
         per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
         cfg = dataclasses.replace(cfg, per_device_train_batch_size=micro_batch,
@@ -1223,11 +1225,11 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     compile_budget, mlp_kept = None, 4
     if cfg.torch_compile:
         compile_budget, mlp_kept = choose_compile_memory_budget(cfg, lambda kept: estimate_as_run(micro_batch, kept),
-                                                                memory_budget(cfg, device))
+                                                                budget)
     memory = estimate(micro_batch, False, mlp_kept)
     prefix_memory = estimate(micro_batch, True, mlp_kept) if prefix else None
-    fast = choose_fast_path(cfg, device, memory, world_size, model_type=model.config.model_type,
-                            prefix_memory=prefix_memory)
+    fast = choose_fast_path(cfg, device, memory, world_size, device_memory=device_memory,
+                            model_type=model.config.model_type, prefix_memory=prefix_memory)
     if model.config._attn_implementation != fast.attn_implementation:
         model.set_attn_implementation(fast.attn_implementation)
     if fast.liger_kernel and not apply_liger_kernels(model):
