@@ -526,6 +526,22 @@ RUN_IDENTITY = ("base_model", "data_dir", "max_length", "max_train_samples", "lo
 IDENTITY_FILE = "run_identity.json"
 
 
+def load_checkpoint_weights(trainer, checkpoint: str | Path) -> None:
+    """The trainer's model and state as the checkpoint saved them (its adapter weights and log history)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    checkpoint = Path(checkpoint)
+    weights = load_file(str(checkpoint / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(trainer.model, weights)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{checkpoint}: its adapter does not fit this model ({len(missing)} LoRA weights missing, "
+                         f"{len(result.unexpected_keys)} unexpected); run with resume='never' to train again")
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+
+
 def run_identity(cfg: TrainConfig) -> dict:
     """What makes a run's checkpoints its own: the RUN_IDENTITY parameters, the training data itself (notebook 01
     rewrites the same data folder), the 4-bit base and the number of processes (samples per step, data order)."""
@@ -1298,6 +1314,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 log.warning(problem)
         trainer.accelerator.wait_for_everyone()
         resume_from = find_resume_checkpoint(checkpoint_dir, cfg.resume)
+        finish_from = None
         if resume_from and cfg.resume == "auto":
             # Trainer would step past a checkpoint that already reached the planned steps (one more each time).
             done, planned = checkpoint_step(resume_from), planned_steps(trainer)
@@ -1306,7 +1323,13 @@ def train(cfg: TrainConfig) -> TrainResult:
                 log.warning("this training already ran to step %d (%s) and its adapter is in %s: nothing to do; "
                             "resume='never' trains again", done, resume_from, output_dir)
                 return finished
-            if done >= planned:
+            if done == planned and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
+                # Trained to the end, but the final save never completed (killed, pod stopped): save from the last
+                # checkpoint rather than train it all again. DeepSpeed and FSDP restore weights only through train().
+                log.warning("this training reached its last step (%d, %s) but its final save did not complete: "
+                            "saving the adapter from that checkpoint instead of training again", done, resume_from)
+                finish_from = resume_from
+            elif done >= planned:
                 trainer.accelerator.wait_for_everyone()
                 if trainer.is_world_process_zero():
                     set_aside_checkpoints(checkpoint_dir, f"reached step {done}, past the {planned} planned now")
@@ -1318,13 +1341,18 @@ def train(cfg: TrainConfig) -> TrainResult:
         if torch.cuda.is_available():  # peak_gpu_memory_gib is this training's, not the kernel's lifetime peak
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        with _sigterm_sets(setup.on_terminate):
-            try:
-                output = trainer.train(resume_from_checkpoint=resume_from)
-            except torch.OutOfMemoryError as err:
-                raise TrainingOutOfMemory(out_of_memory_advice(cfg, fast, trainer.state.global_step, checkpoint_dir,
-                                                               err)) from err
-        runtime = time.perf_counter() - started
+        if finish_from:
+            load_checkpoint_weights(trainer, finish_from)
+            # The mean training loss and the speed are measured by train(), which did not finish this time.
+            training_loss, runtime = None, None
+        else:
+            with _sigterm_sets(setup.on_terminate):
+                try:
+                    training_loss = trainer.train(resume_from_checkpoint=resume_from).training_loss
+                except torch.OutOfMemoryError as err:
+                    raise TrainingOutOfMemory(out_of_memory_advice(cfg, fast, trainer.state.global_step,
+                                                                   checkpoint_dir, err)) from err
+            runtime = time.perf_counter() - started
         if stop_on_nonfinite.bad:
             error = (f"training stopped: non-finite value {stop_on_nonfinite.bad}; the last good checkpoint in "
                      f"{checkpoint_dir} is kept. Lower learning_rate, or use precision='fp32' / 'bf16' instead of fp16.")
@@ -1361,11 +1389,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             },
             "result": {
                 "global_step": trainer.state.global_step,
-                "train_loss": output.training_loss,
+                "train_loss": training_loss,
                 "eval_loss_before": eval_losses[0] if eval_losses else None,
                 "eval_loss_after": eval_losses[-1] if len(eval_losses) > 1 else None,
-                "train_runtime_s": round(runtime, 1),
-                "tokens_per_second": round(trainer.real_tokens_seen / runtime, 1) if runtime > 0 else None,
+                "train_runtime_s": round(runtime, 1) if runtime is not None else None,
+                "tokens_per_second": round(trainer.real_tokens_seen / runtime, 1) if runtime else None,
                 "peak_gpu_memory_gib": _peak_gpu_memory_gib(),
             },
         }

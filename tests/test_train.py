@@ -1067,6 +1067,44 @@ def test_a_finished_run_is_not_stepped_past_its_end(tmp_path, tiny_model_dir, ca
     assert "reached step 4, past the 2 planned now" in caplog.text
 
 
+def test_a_run_killed_during_its_final_save_is_saved_from_its_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch,
+                                                                             caplog):
+    """Training reached its last step and checkpoint, then the process died while saving the adapter: the next
+    run saves that checkpoint's adapter and evaluates it; it does not train again."""
+    import ironman_nb.train as train_module
+    from safetensors.torch import load_file
+    from transformers import Trainer
+
+    real_save = train_module._save_final
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # Evaluated at 0 and 3: the held-out loss after step 4 is computed after training, from the weights.
+    reference = train(tiny_cfg(tmp_path / "reference", tiny_model_dir, eval_steps=3))
+    monkeypatch.setattr(train_module, "_save_final", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=3))
+    monkeypatch.setattr(train_module, "_save_final", real_save)
+    last = tmp_path / "adapter" / "checkpoints" / "checkpoint-4"
+    assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(Trainer, "training_step", no_training)
+    finished = train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=3))
+    assert "saving the adapter from that checkpoint instead of training again" in caplog.text
+    result = finished.run_config["result"]
+    assert result["global_step"] == 4 and result["train_loss"] is None
+    saved, kept = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "adapter", last))
+    assert saved.keys() == kept.keys() and all((saved[k] == kept[k]).all() for k in saved)
+    assert [h["step"] for h in finished.log_history if "eval_loss" in h] == [0, 3, 4]
+    assert result["eval_loss_after"] == pytest.approx(reference.run_config["result"]["eval_loss_after"], rel=1e-5)
+    assert result["eval_loss_after"] != result["eval_loss_before"]
+    assert train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=3)).run_config == finished.run_config  # now done
+
+
 def test_resume_skips_checkpoints_that_cannot_be_continued(tmp_path, tiny_model_dir):
     import torch
     from safetensors.torch import load_file, save_file
