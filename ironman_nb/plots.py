@@ -73,22 +73,52 @@ def epoch_marks(history: list[dict]) -> list[tuple[float, int]]:
     return marks
 
 
+# Points drawn as markers up to this many; a longer series is drawn as a thin line (markers merge into a band).
+MARKER_POINTS = 400
+# `smoothing` is the moving average's weight per point for a series of up to this many points; a longer series
+# gets the weight that averages over the same share of the run (otherwise the line is as noisy as the points).
+SMOOTHING_POINTS = 100
+DARK = {"C0": "#0b3d66", "C1": "#8a3b00"}  # the smoothed line, drawn over the pale raw points of its colour
+
+
+def smoothing_weight(weight: float, points: int) -> float:
+    return weight ** (SMOOTHING_POINTS / points) if points > SMOOTHING_POINTS and weight > 0 else weight
+
+
 def _draw(ax, history: list[dict], key: str, weight: float) -> bool:
     xs, ys = series(history, key)
     if not xs:
         return False
     title, label = SERIES[key]
-    ax.plot(xs, ys, "o", ms=3, alpha=0.35, color="C0" if key != "eval_loss" else "C1", label=f"{label} (raw)")
+    color = "C1" if key == "eval_loss" else "C0"
+    finite = [(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
+    if len(ys) <= MARKER_POINTS:
+        ax.plot(xs, ys, "o", ms=3, alpha=0.3, color=color, label=f"{label} (raw)")
+    else:
+        ax.plot(xs, ys, "-", lw=0.6, alpha=0.3, color=color, label=f"{label} (raw)")
     # Train loss and grad norm are noisy per-step values: smooth them. The held-out loss is already a mean
     # over the eval set and the learning rate is exact: connect their points instead.
     if len(ys) > 2 and key in ("loss", "grad_norm"):
-        ax.plot(xs, smooth(ys, weight), "-", lw=2, color="C0" if key != "eval_loss" else "C1", label=f"{label} (smoothed)")
+        ax.plot(xs, smooth(ys, smoothing_weight(weight, len(ys))), "-", lw=2, color=DARK[color], zorder=3,
+                label=f"{label} (smoothed)")
     elif len(ys) > 1:
-        ax.plot(xs, ys, "-", lw=1.5, color="C1" if key == "eval_loss" else "C0", label=label)
+        ax.plot(xs, ys, "-", lw=1.5, color=color, label=label)
+    bad = [x for x, y in zip(xs, ys) if not math.isfinite(y)]
+    if bad and finite:
+        # fp16 runs go on through an overflowed (inf) gradient norm; matplotlib would leave those steps out.
+        ax.plot(bad, [0.97] * len(bad), "x", ms=5, color="red", transform=ax.get_xaxis_transform(), clip_on=False,
+                label=f"{len(bad)} inf/NaN (step marked)")
+    elif bad:
+        ax.text(0.5, 0.5, f"all {len(bad)} values inf or NaN", transform=ax.transAxes, ha="center", va="center",
+                color="red")
+        ax.set_yticks([])
+        ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
     x_is_step = any("step" in e for e in history)
     for step, epoch in epoch_marks(history) if x_is_step else []:
         ax.axvline(step, color="grey", ls=":", lw=1)
-        ax.text(step, 1.0, f" epoch {epoch}", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="grey")
+        # Right of the label is where epoch N ends: the label sits inside the epoch it names.
+        ax.text(step, 1.0, f"epoch {epoch} ", transform=ax.get_xaxis_transform(), ha="right", va="top", fontsize=8,
+                color="grey")
     ax.set_title(title)
     ax.set_xlabel("step" if x_is_step else "epoch")
     ax.set_ylabel(label)
@@ -140,14 +170,18 @@ class PlotResult:
     history: list[dict]
 
     def last_values(self):
+        """Each series' last value, and its best (lowest loss, highest accuracy) where a best means something."""
         import pandas as pd
 
         rows = []
         for key in SERIES:
             steps, values = series(self.history, key)
             if values:
-                rows.append((key, steps[-1], values[-1], nan_min(values)))
-        return pd.DataFrame(rows, columns=["series", "last step", "last value", "minimum"]).set_index("series")
+                best = {"loss": nan_min(values), "eval_loss": nan_min(values),
+                        "mean_token_accuracy": -nan_min([-v for v in values])}.get(key)
+                step = int(steps[-1]) if steps[-1].is_integer() else steps[-1]
+                rows.append((key, step, values[-1], best))
+        return pd.DataFrame(rows, columns=["series", "last step", "last value", "best"], dtype=object).set_index("series")
 
 
 def plot_training(cfg: PlotConfig) -> PlotResult:
@@ -160,6 +194,9 @@ def plot_training(cfg: PlotConfig) -> PlotResult:
         if fig is not None:
             figures[key] = fig
             files[key] = _save(fig, out / f"training_{key}.png")
+        else:
+            # An earlier run's chart of a series this run did not log (the folder is reused) would pass for its.
+            (out / f"training_{key}.png").unlink(missing_ok=True)
     fig = combined_figure(history, cfg.smoothing)
     figures["curves"] = fig
     files["curves"] = _save(fig, out / "training_curves.png")

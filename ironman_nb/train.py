@@ -1098,7 +1098,7 @@ class TrainResult:
         keys = ("global_step", "train_loss", "eval_loss_before", "eval_loss_after", "train_runtime_s", "tokens_per_second")
         # A machine other than machine_rank 0 of a several-machine run has only a note (launch.run_launched).
         rows = [("note", r["note"])] if "note" in r else [(k, r.get(k)) for k in keys]
-        return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")
+        return pd.DataFrame(rows, columns=["item", "value"], dtype=object).set_index("item")
 
     def resolved(self):
         import pandas as pd
@@ -1109,7 +1109,7 @@ class TrainResult:
                 "cudnn_attention", "torch_compile", "compile_memory_budget", "attn_implementation", "base_model_path",
                 "end_of_turn_token", "train_samples", "eval_samples", "resumed_from")
         rows = [(k, str(r[k])) for k in keys if k in r] + [("output_dir", str(self.output_dir))]
-        return pd.DataFrame(rows, columns=["item", "value"]).set_index("item")
+        return pd.DataFrame(rows, columns=["item", "value"], dtype=object).set_index("item")
 
 
 @dataclasses.dataclass
@@ -1196,7 +1196,8 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.base_model)
     train_ds = build_dataset(train_records, tokenizer, cfg.max_length, cfg.max_train_samples)
     if train_ds is None:
-        raise DataError(f"{cfg.data_dir}/train.jsonl: no sample has an answer within max_length={cfg.max_length} tokens")
+        source = f"{cfg.data_dir}/train.jsonl" if records is None else "the training records given"
+        raise DataError(f"{source}: no sample has an answer within max_length={cfg.max_length} tokens")
     eval_ds = build_dataset(eval_records, tokenizer, cfg.max_length, cfg.max_eval_samples) if eval_records else None
 
     select_local_gpu()  # first: asking the GPU anything (its bf16 support) would open a context on GPU 0

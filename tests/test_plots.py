@@ -63,7 +63,60 @@ def test_an_inf_or_nan_is_skipped_by_the_smoothed_line_and_the_minimum(tmp_path)
     state = tmp_path / "trainer_state.json"
     state.write_text(json.dumps({"log_history": history}))  # Python's json writes NaN and Infinity, as the Trainer does
     summary = plot_training(PlotConfig(trainer_state=str(state), output_dir=str(tmp_path / "plots"))).last_values()
-    assert summary.loc["loss", "minimum"] == 1.0 and summary.loc["grad_norm", "minimum"] == 0.8
+    assert summary.loc["loss", "best"] == 1.0 and summary.loc["loss", "last step"] == 5
+
+
+def test_inf_and_nan_steps_are_marked_not_left_out():
+    inf, nan = float("inf"), float("nan")
+    history = [{"step": s, "grad_norm": v} for s, v in ((1, 1.0), (2, inf), (3, 0.9), (4, nan), (5, 0.8))]
+    marks = [l for l in figure(history, "grad_norm").axes[0].lines if "inf/NaN" in l.get_label()]
+    assert len(marks) == 1 and list(marks[0].get_xdata()) == [2.0, 4.0]
+    assert marks[0].get_label() == "2 inf/NaN (step marked)"
+    ax = figure([{"step": s, "grad_norm": inf} for s in range(1, 4)], "grad_norm").axes[0]
+    assert [t.get_text() for t in ax.texts] == ["all 3 values inf or NaN"] and list(ax.get_yticks()) == []
+
+
+def test_a_long_run_gets_a_readable_smoothed_line():
+    """At 0.6 per point, 2,000 noisy points give a line as noisy as the points; the weight scales with the run."""
+    import random
+
+    rng = random.Random(0)
+    history = [{"step": s, "loss": 2.0 - s / 2000 + rng.uniform(-0.5, 0.5)} for s in range(1, 2001)]
+    line = next(l for l in figure(history, "loss").axes[0].lines if "smoothed" in l.get_label())
+    ys = list(line.get_ydata())[100:]
+    trend = [2.0 - s / 2000 for s in range(101, 2001)]
+    assert max(abs(y - t) for y, t in zip(ys, trend)) < 0.2  # the raw points stray up to 0.5; at 0.6 per point, 0.4
+    few = [{"step": s, "loss": v} for s, v in ((1, 1.0), (2, 0.0), (3, 0.0))]
+    line = next(l for l in figure(few, "loss", 0.5).axes[0].lines if "smoothed" in l.get_label())
+    assert list(line.get_ydata()) == pytest.approx(smooth([1.0, 0.0, 0.0], 0.5))  # short runs: the weight as given
+
+
+def test_epoch_labels_sit_inside_the_epoch_they_name():
+    history = [{"step": s, "epoch": s / 10, "loss": 1.0} for s in range(1, 31)]
+    ax = figure(history, "loss").axes[0]
+    labels = [(t.get_position()[0], t.get_text().strip(), t.get_horizontalalignment()) for t in ax.texts]
+    assert labels == [(10.0, "epoch 1", "right"), (20.0, "epoch 2", "right"), (30.0, "epoch 3", "right")]
+
+
+def test_a_chart_of_an_earlier_run_is_not_left_in_the_folder(tmp_path):
+    state = tmp_path / "trainer_state.json"
+    logged = {"step": 1, "epoch": 1, "loss": 1.0, "grad_norm": 1.0, "learning_rate": 1e-4}
+    state.write_text(json.dumps({"log_history": [{"step": 0, "eval_loss": 2.0, "mean_token_accuracy": 0.4}, logged]}))
+    plot_training(PlotConfig(trainer_state=str(state), output_dir=str(tmp_path / "plots")))
+    assert (tmp_path / "plots" / "training_eval_loss.png").is_file()
+    state.write_text(json.dumps({"log_history": [logged]}))
+    result = plot_training(PlotConfig(trainer_state=str(state), output_dir=str(tmp_path / "plots")))
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(p.name for p in result.files.values())
+
+
+def test_the_summary_names_a_best_value_only_where_one_means_something(tmp_path):
+    state = tmp_path / "trainer_state.json"
+    history = [{"step": s, "loss": l, "mean_token_accuracy": a, "learning_rate": r}
+               for s, l, a, r in ((1, 2.0, 0.3, 1e-4), (2, 1.0, 0.6, 2e-8), (3, 1.5, 0.5, 0.0))]
+    state.write_text(json.dumps({"log_history": history}))
+    summary = plot_training(PlotConfig(trainer_state=str(state), output_dir=str(tmp_path / "plots"))).last_values()
+    assert summary.loc["loss", "best"] == 1.0 and summary.loc["mean_token_accuracy", "best"] == 0.6
+    assert summary.loc["learning_rate", "best"] is None and summary.loc["loss", "last step"] == 3
 
 
 def test_state_without_curves_is_refused(tmp_path):
