@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from .config import DEFAULT_SYSTEM_PROMPT, EMBEDDED_MODEL, TrainConfig
 from .data import chat_messages, read_sheet
+from .launch import signals_handled
 from .train import RealTokenCount, SharedPrefixCollator, build_trainer, lora_config
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -233,15 +235,25 @@ class BenchArgs:
     def __post_init__(self):
         if self.isolate not in ("on", "off"):
             raise ValueError(f"BenchArgs.isolate: 'on' or 'off' (got {self.isolate!r})")
-        for name in self.configs:
-            parse_config(name)  # fails early on a misspelt kind, or a project field or value
+        for field in ("steps", "warmup", "batch", "accum", "rounds"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"BenchArgs.{field}: at least 1 (got {getattr(self, field)})")
+        parsed = [parse_config(name) for name in self.configs]  # fails early on a misspelt kind, field or value
+        if self.warmup < COMPILE_WARMUP and any(o.get("torch_compile") for _, o in parsed):
+            # The first two batch shapes compile (the second makes the sequence length dynamic): not to be timed.
+            print(f"[bench] a torch_compile run: {COMPILE_WARMUP} warm-up steps for every run (was {self.warmup})",
+                  file=sys.stderr)
+            self.warmup = COMPILE_WARMUP
+
+
+COMPILE_WARMUP = 3
 
 
 def parse_config(name: str) -> tuple[str, dict]:
     """("baseline" | "project", overrides) of a run named kind or "kind:field=value,…".
 
-    Project overrides are TrainConfig parameters (validated here); baseline overrides are SFTConfig fields
-    (checked when the run builds its SFTConfig); values of both are read as YAML like the runner's `-p` values."""
+    Project overrides are TrainConfig parameters, baseline overrides SFTConfig fields (both validated here, before
+    any model loads); values of both are read as YAML like the runner's `-p` values."""
     kind, _, spec = name.partition(":")
     if kind not in ("baseline", "project"):
         raise ValueError(f"bench config {name!r}: use baseline, project, or either with :field=value,…")
@@ -254,6 +266,12 @@ def parse_config(name: str) -> tuple[str, dict]:
     if kind == "project":
         overrides = TrainConfig.normalised(overrides)
         TrainConfig.from_params(**overrides)  # validates names and values
+    else:
+        from trl import SFTConfig
+
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(SFTConfig)})
+        if unknown:
+            raise ValueError(f"bench config {name!r}: {', '.join(unknown)} not a field of TRL's SFTConfig")
     return kind, overrides
 
 
@@ -289,9 +307,9 @@ def _run_once(name: str, args: BenchArgs, device: str, precision: str, records: 
             # LoRA, batch, steps and data.
             dataset = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in records])
             on_cpu = {} if device == "cuda" else {"use_cpu": True, **({} if precision == "bf16" else {"bf16": False})}
-            sft_args = SFTConfig(output_dir=tmp, max_steps=total_steps, per_device_train_batch_size=args.batch,
-                                 gradient_accumulation_steps=args.accum, logging_steps=1, save_strategy="no",
-                                 report_to="none", max_length=args.max_length, **{**on_cpu, **overrides})
+            sft_args = SFTConfig(**{"output_dir": tmp, "max_steps": total_steps, "per_device_train_batch_size": args.batch,
+                                    "gradient_accumulation_steps": args.accum, "logging_steps": 1, "save_strategy": "no",
+                                    "report_to": "none", "max_length": args.max_length, **on_cpu, **overrides})
             trainer = _counting_baseline_class()(model=model, args=sft_args, train_dataset=dataset,
                                                  processing_class=tokenizer, peft_config=lora_config(cfg),
                                                  callbacks=[timer])
@@ -372,6 +390,10 @@ def run_one_main(payload: str) -> int:
     return 0
 
 
+class BenchStopped(Exception):
+    """SIGTERM or SIGINT during a run: that run ends, and the summary covers the runs that finished."""
+
+
 def bench_train(args: BenchArgs, emit=print) -> dict:
     """Each of `args.configs` once per round, alternating; one JSON line per run, then a summary line."""
     from .models import resolve_device, resolve_precision
@@ -381,7 +403,13 @@ def bench_train(args: BenchArgs, emit=print) -> dict:
     isolate = args.isolate == "on"
     records = bench_records(args.batch * args.accum * (args.warmup + args.steps + args.profile))
     runs: dict[str, list] = {name: [] for name in args.configs}
-    with tempfile.TemporaryDirectory(dir=args.scratch or None) as scratch:
+    stopped = []
+
+    def stop(signum, frame):  # `timeout` ran out, or Ctrl-C: the summary of the runs that finished, then stop
+        stopped.append(signum)
+        raise BenchStopped(f"stopped by {signal.Signals(signum).name}")
+
+    with tempfile.TemporaryDirectory(dir=args.scratch or None) as scratch, signals_handled(stop):
         run_args = dataclasses.replace(args, scratch=scratch)
         for round_index in range(args.rounds):
             for name in args.configs:
@@ -396,6 +424,10 @@ def bench_train(args: BenchArgs, emit=print) -> dict:
                 result.update(round=round_index, isolated=isolate)
                 runs[name].append(result)
                 emit(json.dumps(result, ensure_ascii=False))
+                if stopped:
+                    break
+            if stopped:
+                break
     ok = {name: [r for r in rs if "tokens_per_s" in r] for name, rs in runs.items()}
     parameters = next((r["parameters"] for rs in ok.values() for r in rs), None)
     summary = {"summary": "train", "model": args.model, "device": device, "quantization": args.quantization,
@@ -416,7 +448,9 @@ def bench_train(args: BenchArgs, emit=print) -> dict:
                 paired = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(runs[name], runs["baseline"])
                           if "tokens_per_s" in r and "tokens_per_s" in b]
                 summary[f"{key}_per_round"] = [round(x, 2) for x in paired]
-    peak = matmul_tflops(device)
+    peak = matmul_tflops(device) if not stopped else None
+    if stopped:
+        summary["stopped"] = signal.Signals(stopped[0]).name
     if peak and parameters:
         limit = peak * 1e12 / (4 * parameters)
         summary.update(matmul_tflops=round(peak, 1), limit_tokens_per_s=round(limit))
@@ -429,7 +463,7 @@ def bench_train(args: BenchArgs, emit=print) -> dict:
 def bench_generate(model_name: str = EMBEDDED_MODEL, prompts: int = 8, new_tokens: int = 64, batch: int = 8,
                    emit=print, tokenizer_name: str = EMBEDDED_MODEL) -> dict:
     """Notebook 05's generation path vs plain one-prompt-at-a-time `generate`: same prompts, same outputs."""
-    from .compare import generate_answers
+    from .compare import generate_token_ids
     from .io import read_jsonl
     from .models import resolve_device, resolve_precision, sdpa_without_cudnn
 
@@ -437,7 +471,7 @@ def bench_generate(model_name: str = EMBEDDED_MODEL, prompts: int = 8, new_token
     model, tokenizer = load_bench_model(model_name, device, resolve_precision("auto", device), tokenizer_name)
     model.eval()
     texts = [r["prompt"] for r in read_jsonl(PROMPTS)][:prompts]
-    generate_answers(model, tokenizer, texts[:1], DEFAULT_SYSTEM_PROMPT, 4, 1)  # warm-up
+    generate_token_ids(model, tokenizer, texts[:1], DEFAULT_SYSTEM_PROMPT, 4, 1)  # warm-up
     timings, outputs = {}, {}
     # one_at_a_time: plain `generate`, one prompt per call. batched: notebook 05's path (batches + shared prefix;
     # on a GPU, attention off cuDNN's kernels). On a GPU also batched_cudnn: the same with torch's own choice.
@@ -447,13 +481,16 @@ def bench_generate(model_name: str = EMBEDDED_MODEL, prompts: int = 8, new_token
     for kind, size, share, avoid_cudnn in kinds * 2:
         start = time.perf_counter()
         with sdpa_without_cudnn(avoid_cudnn):
-            outputs[kind] = generate_answers(model, tokenizer, texts, DEFAULT_SYSTEM_PROMPT, new_tokens, size,
-                                             share_prefix=share)
+            outputs[kind] = generate_token_ids(model, tokenizer, texts, DEFAULT_SYSTEM_PROMPT, new_tokens, size,
+                                               share_prefix=share)
         timings.setdefault(kind, []).append(time.perf_counter() - start)
-    new = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) + int(ended) for text, ended in outputs["batched"])
+    # Token ids as generated (a random-weight shape's ids beyond the tokenizer's vocabulary decode to nothing).
     result = {"summary": "generate", "model": model_name, "device": device, "prompts": len(texts),
-              "max_new_tokens": new_tokens, "batch": batch, "same_outputs": outputs["batched"] == outputs["one_at_a_time"]}
+              "max_new_tokens": new_tokens, "batch": batch,
+              "same_outputs": outputs["batched"] == outputs["one_at_a_time"]}
     for kind, values in timings.items():
+        new = sum(len(ids) + int(ended) for ids, ended in outputs[kind])
+        result[f"{kind}_new_tokens"] = new
         result[f"{kind}_new_tokens_per_s"] = round(new / min(values), 1)
     result["ratio"] = round(min(timings["one_at_a_time"]) / min(timings["batched"]), 2)
     emit(json.dumps(result, ensure_ascii=False))

@@ -83,7 +83,15 @@ def summarise(stats: list[dict]) -> dict:
 
 def generate_answers(model, tokenizer, prompts: list[str], system_prompt: str, max_new_tokens: int,
                      batch_size: int, share_prefix: bool = True) -> list[tuple[str, bool]]:
-    """Greedy answers in batches; (text, ended with the end-of-turn token) per prompt.
+    """Greedy answers in batches; (text, ended with the end-of-turn token) per prompt (see generate_token_ids)."""
+    return [(clean_answer(tokenizer.decode(ids, skip_special_tokens=True)), ended)
+            for ids, ended in generate_token_ids(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_size,
+                                                 share_prefix)]
+
+
+def generate_token_ids(model, tokenizer, prompts: list[str], system_prompt: str, max_new_tokens: int,
+                       batch_size: int, share_prefix: bool = True) -> list[tuple[list[int], bool]]:
+    """Greedy answers in batches; (new token ids up to the end-of-turn token, ended with it) per prompt.
 
     The tokens every prompt starts with (the persona system turn) run through the model once; each batch
     reuses their keys/values. Rows are laid out [shared prefix | padding | own tokens], with the padding masked,
@@ -129,7 +137,7 @@ def generate_answers(model, tokenizer, prompts: list[str], system_prompt: str, m
             ended = any(t in stop_ids for t in row)
             if ended:
                 row = row[: min(row.index(t) for t in stop_ids if t in row)]
-            results.append((clean_answer(tokenizer.decode(row, skip_special_tokens=True)), ended))
+            results.append((row, ended))
     return results
 
 

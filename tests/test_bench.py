@@ -133,3 +133,63 @@ def test_command_line_prints_only_json_lines_on_stdout(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert [json.loads(line) for line in captured.out.splitlines()] == [{"summary": "generate", "ratio": 5.0}]
     assert "Setting accelerator" in captured.err
+
+
+def test_generate_benchmark_counts_token_ids_beyond_the_tokenizers_vocabulary(monkeypatch):
+    """A random 7B shape's vocabulary is larger than the tokenizer it borrows: ids past the tokenizer decode to
+    nothing, so counting the decoded text counted fewer tokens than were generated."""
+    from ironman_nb import bench
+
+    monkeypatch.setitem(bench.SHAPES, "tiny-wide", dict(
+        model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=152064, max_position_embeddings=2048, rope_theta=1e4,
+        tie_word_embeddings=False, rms_norm_eps=1e-6))
+    result = bench_generate("tiny-wide", prompts=2, new_tokens=8, batch=2, emit=lambda line: None)
+    assert result["same_outputs"] is True
+    # Random weights rarely pick a stop token: nearly all of the 2 x 8 new tokens are counted.
+    assert result["batched_new_tokens"] == result["one_at_a_time_new_tokens"] >= 14
+
+
+def test_bench_options_are_checked_before_any_model_loads():
+    import pytest
+
+    with pytest.raises(ValueError, match="steps: at least 1"):
+        BenchArgs(steps=0)
+    with pytest.raises(ValueError, match="warmup: at least 1"):
+        BenchArgs(warmup=0)
+    with pytest.raises(ValueError, match="gradient_checkpoint not a field of TRL's SFTConfig"):
+        BenchArgs(configs=("baseline:gradient_checkpoint=false",))
+    assert BenchArgs(configs=("project", "project:torch_compile=true"), warmup=1).warmup == 3  # compiling untimed
+
+
+def test_baseline_overrides_replace_the_benchmarks_own_settings(tiny_model_dir):
+    lines = []
+    bench_train(BenchArgs(model=str(tiny_model_dir), steps=1, warmup=1, batch=2, accum=1, rounds=1, max_length=512,
+                          configs=("baseline:per_device_train_batch_size=1,gradient_accumulation_steps=2",),
+                          isolate="off"), emit=lines.append)
+    run = json.loads(lines[0])
+    assert "error" not in run, run
+    assert (run["fast_path"]["micro_batch"], run["fast_path"]["accumulation_steps"]) == (1, 2)
+
+
+def test_a_stopped_train_benchmark_still_prints_the_summary_of_the_finished_runs(monkeypatch):
+    """`timeout` in gpu_check.sh sends SIGTERM: the runs done so far keep their summary line."""
+    import os
+    import signal
+
+    from ironman_nb import bench
+
+    def fake_run(name, args, device, precision, records):
+        if name == "project":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {"config": name, "tokens_per_s": 100.0, "peak_memory_gib": 1.0, "parameters": 10}
+
+    monkeypatch.setattr(bench, "_run_once", fake_run)
+    lines = []
+    summary = bench_train(BenchArgs(configs=("baseline", "project", "project:lora_r=4"), rounds=2, isolate="off"),
+                          emit=lines.append)
+    runs = [json.loads(line) for line in lines[:-1]]
+    assert [r["config"] for r in runs] == ["baseline", "project"]
+    assert runs[1]["error"] == "BenchStopped: stopped by SIGTERM"
+    assert summary["stopped"] == "SIGTERM" and summary["baseline_tokens_per_s"] == 100.0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # given back
