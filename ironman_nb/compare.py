@@ -103,7 +103,7 @@ def generate_token_ids(model, tokenizer, prompts: list[str], system_prompt: str,
 
     from .train import common_prefix_length
 
-    stop_ids = stop_token_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer, model.generation_config)
     encoded = [
         tokenizer.apply_chat_template(prompt_messages(p, system_prompt), tokenize=True, add_generation_prompt=True,
                                       return_dict=False)
@@ -299,14 +299,15 @@ def generate_answers_vllm(model_name: str, tokenizer, prompts: list[str], system
     from .models import resolve_model_path
 
     path = resolve_model_path(model_name)
-    stop_ids = stop_token_ids(tokenizer)
+    try:
+        generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: transformers' defaults
+        generation_config = GenerationConfig()
+    stop_ids = stop_token_ids(tokenizer, generation_config)
     prompt_ids = [list(tokenizer.apply_chat_template(prompt_messages(p, system_prompt), tokenize=True,
                                                      add_generation_prompt=True, return_dict=True)["input_ids"])
                   for p in prompts]
-    try:
-        repetition_penalty = GenerationConfig.from_pretrained(path).repetition_penalty or 1.0
-    except OSError:  # no generation_config.json: transformers' default
-        repetition_penalty = 1.0
+    repetition_penalty = generation_config.repetition_penalty or 1.0
     engine = LLM(model=path, dtype={"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32"),
                  enable_prefix_caching=True, gpu_memory_utilization=vllm_memory_utilization())
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=stop_ids,

@@ -163,7 +163,7 @@ def merge(cfg: MergeConfig) -> MergeResult:
         )
 
     eot = end_of_turn_token(tokenizer)
-    stop_ids = stop_token_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer, merged.generation_config)  # the base's own stop tokens stay
     tokenizer.chat_template = persona_chat_template(tokenizer.chat_template, system_prompt)
     merged.generation_config.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
     merged.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -177,14 +177,18 @@ def load_tokenizer(base_model: str):
 
 
 def renders_system_turn(tokenizer) -> bool:
-    """Whether the chat template renders a system message's text (some raise on one, some drop it silently)."""
+    """Whether the chat template renders a system message's text in a training sample, and its prompt alone as
+    the sample's start (some raise on a system message, some drop it silently; Mistral v0.3's writes it only
+    before the *last* user turn, so a sample with its answer loses it)."""
     marker = "XYZ-system-probe"
+    messages = [{"role": "system", "content": marker}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "ok"}]
     try:
-        text = tokenizer.apply_chat_template([{"role": "system", "content": marker}, {"role": "user", "content": "hi"}],
-                                             tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     except Exception:  # jinja's TemplateError from raise_exception, or any error of the template's own
         return False
-    return marker in text
+    return marker in full and full.startswith(prompt)
 
 
 def end_of_turn_token(tokenizer) -> str:
@@ -198,10 +202,13 @@ def end_of_turn_token(tokenizer) -> str:
     return min(found)[1] if found else tokenizer.eos_token
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """The ids generation stops at: the chat template's end-of-turn token, then EOS if it differs."""
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """The ids generation stops at: the chat template's end-of-turn token, then EOS if it differs, then those the
+    model's own generation config stops at (Qwen2-Instruct's: <|im_end|> and <|endoftext|>)."""
     eot_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
-    return list(dict.fromkeys(i for i in (eot_id, tokenizer.eos_token_id) if i is not None))
+    configured = getattr(generation_config, "eos_token_id", None)
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    return list(dict.fromkeys(i for i in (eot_id, tokenizer.eos_token_id, *configured) if i is not None))
 
 
 def resolve_device() -> str:

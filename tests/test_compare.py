@@ -222,9 +222,10 @@ def test_vllm_path_uses_the_chat_template_greedy_and_the_stop_tokens(monkeypatch
         [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": "누구야?"}],
         tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]}
     # The model's own repetition penalty, which transformers' generate applies by itself (Qwen2-Instruct: 1.05).
-    (model_dir / "generation_config.json").write_text('{"repetition_penalty": 1.05}')
+    # And its own stop tokens too (Qwen2-Instruct stops at <|endoftext|> as well as <|im_end|>).
+    (model_dir / "generation_config.json").write_text('{"repetition_penalty": 1.05, "eos_token_id": [2, 0]}')
     generate_answers_vllm(str(model_dir), tokenizer, ["누구야?", "길게 말해"], DEFAULT_SYSTEM_PROMPT, 32, "bf16")
-    assert calls["params"]["repetition_penalty"] == 1.05
+    assert calls["params"]["repetition_penalty"] == 1.05 and calls["params"]["stop_token_ids"] == [2, 0]
 
 
 @pytest.mark.parametrize("device, cudnn_attention", [("cuda", False), ("cuda", True), ("cpu", False)])

@@ -83,8 +83,23 @@ DROPS_SYSTEM_TEMPLATE = (  # renders without error, and without the system promp
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
+MISTRAL_V03_TEMPLATE = (  # mistralai/Mistral-7B-Instruct-v0.3's, without its tool-call branches: the system message
+    # goes before the *last* user turn only, so a training sample (which ends with the answer) has none
+    '{%- if messages[0]["role"] == "system" %}{%- set system_message = messages[0]["content"] %}'
+    '{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}'
+    "{{- bos_token }}{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('After the optional system message, conversation roles must alternate') }}{%- endif %}"
+    '{%- if message["role"] == "user" %}{%- if loop.last and system_message is defined %}'
+    '{{- "[INST] " + system_message + "\\n\\n" + message["content"] + "[/INST]" }}'
+    '{%- else %}{{- "[INST] " + message["content"] + "[/INST]" }}{%- endif %}'
+    '{%- elif message["role"] == "assistant" %}{{- " " + message["content"] + eos_token}}'
+    "{%- else %}{{- raise_exception('Only user and assistant roles are supported') }}{%- endif %}{%- endfor %}"
+)
 
-@pytest.mark.parametrize("template", [GEMMA2_TEMPLATE, DROPS_SYSTEM_TEMPLATE], ids=["raises", "drops"])
+
+@pytest.mark.parametrize("template", [GEMMA2_TEMPLATE, DROPS_SYSTEM_TEMPLATE, MISTRAL_V03_TEMPLATE],
+                         ids=["raises", "drops", "only-before-the-last-user-turn"])
 def test_chat_template_without_system_turn_gets_the_persona_at_the_start_of_the_first_user_turn(
         tmp_path, tokenizer, caplog, template):
     import copy
@@ -103,7 +118,7 @@ def test_chat_template_without_system_turn_gets_the_persona_at_the_start_of_the_
     assert "너는 토니 스타크야.\n\n슈트 상태는?" in text and text.count("너는 토니 스타크야.") == 1
     sample = tokenize_conversation(loaded, messages)
     answer = [t for t, label in zip(sample["input_ids"], sample["labels"]) if label != -100]
-    assert loaded.decode(answer).startswith("완벽하지.")
+    assert loaded.decode(answer).lstrip().startswith("완벽하지.")  # Mistral puts a space before the answer
     # Saved with the adapter or the merged model, the template keeps the fold, and is not folded twice.
     loaded.save_pretrained(tmp_path / "saved")
     (tmp_path / "saved" / "config.json").write_text('{"model_type": "llama"}')
@@ -379,3 +394,14 @@ def test_a_4bit_model_loads_onto_the_current_gpu(monkeypatch, tiny_model_dir):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
     assert load_model(str(tiny_model_dir), "bf16", "cuda", "4bit") == "model"
     assert asked["device_map"] == {"": 3}
+
+
+def test_generation_stops_where_the_template_and_the_models_own_config_say(tokenizer):
+    from transformers import GenerationConfig
+
+    from ironman_nb.models import stop_token_ids
+
+    assert stop_token_ids(tokenizer) == [2]  # <|im_end|>: end of turn and EOS
+    qwen2_like = GenerationConfig(eos_token_id=[2, 0])  # <|im_end|>, <|endoftext|>
+    assert stop_token_ids(tokenizer, qwen2_like) == [2, 0]
+    assert stop_token_ids(tokenizer, GenerationConfig(eos_token_id=0)) == [2, 0]
