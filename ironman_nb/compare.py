@@ -254,26 +254,43 @@ def _html(rows: list[dict], metrics: dict) -> str:
     )
 
 
-def metrics_chart(metrics: dict):
+def metrics_figure(metrics: dict):
+    """Before/after bars of the answers' rates and the held-out NLL, each bar labelled with its value; a measure
+    with nothing to measure (None) is labelled n/a instead of drawing a bar of zero."""
     import matplotlib.pyplot as plt
 
-    keys = list(metrics["before"]["answers"])
-    keys = [k for k in keys if k != "mean_chars"]
+    keys = [k for k in metrics["before"]["answers"] if k != "mean_chars"]
     fig, (ax_rates, ax_nll) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [4, 1]})
-    x = range(len(keys))
 
-    def bar(value):  # a measure with nothing to average (None) draws no bar rather than a zero
-        return float("nan") if value is None else value
+    def bars(ax, xs, values, color, label, text):
+        ax.bar(xs, [float("nan") if v is None else v for v in values], 0.4, color=color, label=label)
+        for x, v in zip(xs, values):
+            ax.text(x, 0 if v is None else v, "n/a" if v is None else text(v), ha="center", va="bottom", fontsize=7)
 
-    ax_rates.bar([i - 0.2 for i in x], [bar(metrics["before"]["answers"][k]) for k in keys], 0.4, label="before")
-    ax_rates.bar([i + 0.2 for i in x], [bar(metrics["after"]["answers"][k]) for k in keys], 0.4, label="after")
-    ax_rates.set_xticks(list(x), keys, rotation=20)
-    ax_rates.set_ylim(0, 1)
+    for offset, side, color in ((-0.2, "before", "C0"), (0.2, "after", "C1")):
+        bars(ax_rates, [i + offset for i in range(len(keys))], [metrics[side]["answers"][k] for k in keys], color,
+             side, lambda v: f"{v * 100:.0f} %")
+    ax_rates.set_xticks(list(range(len(keys))), keys, rotation=20)
+    ax_rates.set_ylim(0, 1.1)
     ax_rates.set_title("answers")
     ax_rates.legend()
-    ax_nll.bar(["before", "after"], [bar(metrics["before"]["eval_nll"]), bar(metrics["after"]["eval_nll"])], color=["C0", "C1"])
+    nll = [metrics["before"]["eval_nll"], metrics["after"]["eval_nll"]]
+    if all(v is None for v in nll):
+        ax_nll.text(0.5, 0.5, "not measured\n(no held-out data)", transform=ax_nll.transAxes, ha="center", va="center")
+        ax_nll.set_xticks([])
+        ax_nll.set_yticks([])
+    else:
+        bars(ax_nll, [0, 1], nll, ["C0", "C1"], None, lambda v: f"{v:.3f}")
+        ax_nll.set_xticks([0, 1], ["before", "after"])
     ax_nll.set_title("held-out NLL")
     fig.tight_layout()
+    return fig
+
+
+def metrics_chart(metrics: dict) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig = metrics_figure(metrics)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)

@@ -18,6 +18,7 @@ huggingface_hub and pandas are imported inside functions so the configs stay fas
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import fnmatch
 import json
@@ -83,6 +84,21 @@ class PushResult:
     run_failed: str | None = None  # why this run may not be uploaded, if it failed
     removed: list[str] = dataclasses.field(default_factory=list)  # files of an earlier upload deleted by this one
     warnings: list[str] = dataclasses.field(default_factory=list)  # uploaded anyway, but worth fixing
+    model_dir: Path | None = None
+
+    def card_preview(self) -> str:
+        """The card for a notebook's Markdown display, as the Hub shows it: the front matter (the Hub's metadata
+        panel; rendered as Markdown it runs into the text) as a YAML block, and the chart inline (its relative
+        link resolves on the Hub, not beside the notebook)."""
+        text = self.card
+        if text.startswith("---\n") and "\n---" in text[4:]:
+            end = text.index("\n---", 4)
+            text = f"```yaml\n{text[4:end]}\n```\n\n{text[end + 4:].lstrip(chr(10))}"
+        chart = Path(self.model_dir) / CHART if self.model_dir else None
+        if chart and chart.is_file():
+            encoded = base64.b64encode(chart.read_bytes()).decode("ascii")
+            text = text.replace(f"]({CHART})", f"](data:image/png;base64,{encoded})")
+        return text
 
     def listing(self):
         import pandas as pd
@@ -748,7 +764,7 @@ def push_to_hub(cfg: PushConfig, api=None, sleep: Callable[[float], Any] = time.
         if failed:
             print(f"[ironman_nb] this run failed, so the upload would be refused: {failed}")
         return PushResult(files, card, uploaded=False, url=None, repo_id=cfg.repo_id, run_failed=failed,
-                          warnings=warnings)
+                          warnings=warnings, model_dir=model_dir)
 
     repo_id = cfg.repo_id
     repo_url = call_with_retries(
@@ -787,4 +803,4 @@ def push_to_hub(cfg: PushConfig, api=None, sleep: Callable[[float], Any] = time.
     commit_url = getattr(commit, "commit_url", None)
     print(f"[ironman_nb] uploaded: {url} ({visibility})" + (f", commit {commit_url}" if commit_url else ""))
     return PushResult(files, card, uploaded=True, url=url, repo_id=repo_id, run_failed=None, removed=removed,
-                      warnings=warnings)
+                      warnings=warnings, model_dir=model_dir)

@@ -299,3 +299,18 @@ def test_vllm_answers_without_held_out_data_load_no_second_copy(monkeypatch, tok
     monkeypatch.setattr(compare_module, "generate_answers_vllm", lambda *args: [("나야, 토니.", True)])
     monkeypatch.setattr(compare_module, "load_model", lambda *args: pytest.fail("loaded a second copy"))
     assert compare_module._side("base", ["누구야?"], [], CompareConfig(), "cuda", "bf16") == ([("나야, 토니.", True)], [])
+
+
+def test_the_metrics_chart_labels_values_and_says_what_was_not_measured():
+    """No eval data: an NLL panel that says so (it drew an empty panel with ticks around zero); a rate with
+    nothing to average reads n/a, a rate of zero reads 0 %."""
+    from ironman_nb.compare import metrics_figure
+
+    answers = {"eot_rate": 0.0, "hangul_share": None, "persona_break_rate": 0.25, "mean_chars": 80.0}
+    metrics = {"before": {"eval_nll": None, "answers": answers}, "after": {"eval_nll": None, "answers": answers}}
+    rates, nll = metrics_figure(metrics).axes
+    assert [t.get_text() for t in nll.texts] == ["not measured\n(no held-out data)"]
+    assert [t.get_text() for t in rates.texts] == ["0 %", "n/a", "25 %"] * 2
+    metrics["after"]["eval_nll"], metrics["before"]["eval_nll"] = 1.5, 2.25
+    rates, nll = metrics_figure(metrics).axes
+    assert [t.get_text() for t in nll.texts] == ["2.250", "1.500"]

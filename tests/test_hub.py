@@ -350,6 +350,24 @@ def test_card_front_matter_sections_and_no_token_anywhere(run_dir, token, capsys
     assert FAKE_TOKEN not in capsys.readouterr().out
 
 
+def test_the_notebooks_card_preview_shows_the_front_matter_as_yaml_and_the_chart_inline(run_dir):
+    """Rendered as Markdown, front matter runs into the text, and the chart's relative link points at nothing
+    beside the notebook."""
+    import base64
+
+    import yaml
+
+    result = push_to_hub(PushConfig.from_params(model_dir=str(run_dir / "merged")), api=FakeHfApi())
+    preview = result.card_preview()
+    assert preview.startswith("```yaml\n") and not preview.startswith("---")
+    front = preview.split("```yaml\n")[1].split("\n```")[0]
+    assert yaml.safe_load(front)["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    chart = base64.b64encode((run_dir / "merged" / "training_curves.png").read_bytes()).decode()
+    assert f"](data:image/png;base64,{chart})" in preview and "](training_curves.png)" not in preview
+    assert preview.split("\n```\n\n", 1)[1] == result.card.split("---\n", 2)[2].lstrip("\n").replace(
+        "](training_curves.png)", f"](data:image/png;base64,{chart})")
+
+
 def test_adapter_card_uses_peft_and_local_base_license(tmp_path, token):
     base = tmp_path / "my-base"
     base.mkdir()
