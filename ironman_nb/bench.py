@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from .config import DEFAULT_SYSTEM_PROMPT, EMBEDDED_MODEL, TrainConfig
+from .config import DEFAULT_SYSTEM_PROMPT, EMBEDDED_MODEL, TrainConfig, read_yaml
 from .data import chat_messages, read_sheet
 from .launch import signals_handled
 from .train import RealTokenCount, SharedPrefixCollator, build_trainer, lora_config
@@ -260,9 +260,7 @@ def parse_config(name: str) -> tuple[str, dict]:
     items = [item.split("=", 1) for item in spec.split(",") if item]
     if any(len(item) != 2 for item in items):
         raise ValueError(f"bench config {name!r}: overrides are field=value, separated by commas")
-    import yaml
-
-    overrides = {key: yaml.safe_load(value) for key, value in items}
+    overrides = {key: read_yaml(value) for key, value in items}
     if kind == "project":
         overrides = TrainConfig.normalised(overrides)
         TrainConfig.from_params(**overrides)  # validates names and values

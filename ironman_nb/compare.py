@@ -387,7 +387,11 @@ def compare(cfg: CompareConfig) -> CompareResult:
         prompts.append(record["prompt"].strip())
     if cfg.max_prompts:
         prompts = prompts[: cfg.max_prompts]
-    eval_records = read_jsonl(cfg.eval_data, "held-out eval.jsonl") if cfg.eval_data and Path(cfg.eval_data).is_file() else []
+    if cfg.eval_data and not Path(cfg.eval_data).is_file():
+        # Only "" skips the held-out NLL: a wrong path must not drop the comparison's objective measure unseen.
+        raise FileNotFoundError(f"eval_data {cfg.eval_data}: not found (notebook 01 writes eval.jsonl into its "
+                                "output_dir; set eval_data = '' to compare without the held-out NLL)")
+    eval_records = read_jsonl(cfg.eval_data, "held-out eval.jsonl") if cfg.eval_data else []
     if cfg.max_eval_samples:
         eval_records = eval_records[: cfg.max_eval_samples]
 

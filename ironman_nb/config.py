@@ -30,6 +30,22 @@ class ConfigError(ValueError):
     """A parameter was unknown, of the wrong type, or out of range."""
 
 
+# A float written as people write them: PyYAML follows YAML 1.1, which wants a dot (1.0e-4) and reads `1e-4` as
+# a string; YAML 1.2 and papermill's own -p read it as a number.
+EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+
+
+def read_yaml(text: str) -> Any:
+    """YAML (profiles, --params files, -p values) with `1e-4` read as a number."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)
+
+
 def mask_secret(value: str) -> str:
     return TOKEN_PATTERN.sub(lambda m: m.group(0)[:5] + "…" + "*" * 4, value)
 

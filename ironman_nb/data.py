@@ -237,7 +237,10 @@ def _read_xlsx(path: Path, source: str, sheet: str) -> Table:
             # A file whose stored <dimension> is stale would be cut short in read-only mode; read to the last row.
             worksheet.reset_dimensions()
             rows_iter = worksheet.iter_rows(values_only=True)
-            header = next(rows_iter, None)
+            header, header_row = next(rows_iter, None), 1
+            # The header is the first row with anything in it (a sheet often starts a row or two down).
+            while header is not None and all(v is None or str(v).strip() == "" for v in header):
+                header, header_row = next(rows_iter, None), header_row + 1
             if header is None:
                 problems.append(f"sheet {name!r} is empty")
                 continue
@@ -250,7 +253,7 @@ def _read_xlsx(path: Path, source: str, sheet: str) -> Table:
                 continue
             _refuse_duplicate_columns(list(header), columns, f"{source} [sheet {name!r}]")
             rows, numbers = [], []
-            for number, values in enumerate(rows_iter, start=2):
+            for number, values in enumerate(rows_iter, start=header_row + 1):
                 values = [_formula_text(v) for v in values]
                 rows.append({c: _cell_text(values[i] if i < len(values) else None) for i, c in enumerate(columns) if c})
                 numbers.append(number)

@@ -121,7 +121,7 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (Windows editors) is not JSON
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}") from err
 
@@ -131,7 +131,7 @@ def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     records = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:  # a byte-order mark (Windows editors) is not JSON
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue

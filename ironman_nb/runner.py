@@ -1,6 +1,7 @@
 """Run the notebooks in order with papermill into one run folder.
 
     python -m ironman_nb run [--profile quick|full|gpu24gb] [--params FILE.yaml] [--run-dir DIR]
+                             [-p NAME VALUE] [-r NAME VALUE] [--from STAGE] [--until STAGE] [--force]
 
 Parameters are checked against each stage's config before any kernel starts (papermill itself only
 warns about unknown names). Each stage's status lands in <run>/status.json.
@@ -13,6 +14,7 @@ import contextlib
 import hashlib
 import dataclasses
 import datetime as _dt
+import difflib
 import json
 import os
 import signal
@@ -21,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import CompareConfig, ConfigError, MergeConfig, PlotConfig, PrepareConfig, PushConfig, StageConfig, TrainConfig
+from .config import (CompareConfig, ConfigError, MergeConfig, PlotConfig, PrepareConfig, PushConfig, StageConfig,
+                     TrainConfig, read_yaml)
 from .data import URL_LIKE
 from .io import atomic_write_json
 from .launch import signals_handled
@@ -90,21 +93,23 @@ def notebook_parameters(path: Path) -> dict[str, Any]:
 def load_params_file(path: str | None) -> dict[str, Any]:
     if not path:
         return {}
-    import yaml
-
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"--params {path}: file not found")
-    data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    data = read_yaml(file.read_text(encoding="utf-8-sig")) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of parameter names to values")
     return data
 
 
+# YAML files in configs/ that are not profiles (accelerate's own config for the FSDP launcher).
+NOT_PROFILES = ("accelerate_fsdp",)
+
+
 def profile_params(profile: str) -> dict[str, Any]:
     path = PROFILE_DIR / f"{profile}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+    if not path.is_file() or profile in NOT_PROFILES:
+        known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml") if p.stem not in NOT_PROFILES)
         raise ConfigError(f"--profile {profile!r}: no {path.relative_to(PROJECT_ROOT)} (profiles: {', '.join(known)})")
     return load_params_file(str(path))
 
@@ -127,23 +132,30 @@ def _absolute_paths(params: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
-def stage_params(merged: dict[str, Any], run_dir: Path, cwd: Path) -> tuple[dict[str, dict], list[str]]:
-    """Split shared and per-stage overrides into each stage's parameters; list every problem found."""
+def stage_params(layers: list[dict[str, Any]], run_dir: Path, cwd: Path) -> tuple[dict[str, dict], list[str]]:
+    """Each stage's parameters from the layers (profile, params file, command line: later ones win), each layer's
+    shared names first and then its own section for the stage; every problem found, listed."""
     stage_names = {s.name for s in STAGES}
-    shared = {k: v for k, v in merged.items() if k not in stage_names}
-    problems = []
     known_anywhere = {name for s in STAGES for name in s.config.field_names()}
-    for key in shared:
-        if key not in known_anywhere:
-            problems.append(f"unknown parameter {key!r}: no notebook has it (stages: {', '.join(sorted(stage_names))})")
+    unknown = dict.fromkeys(k for layer in layers for k in layer if k not in stage_names and k not in known_anywhere)
+    problems = []
+    for key in unknown:
+        near = difflib.get_close_matches(str(key), sorted(stage_names | known_anywhere), n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        problems.append(f"unknown parameter {key!r}: no notebook has it ({hint}stages: {', '.join(sorted(stage_names))})")
     result = {}
     for stage in STAGES:
-        specific = merged.get(stage.name) or {}
-        if not isinstance(specific, dict):
-            problems.append(f"{stage.name}: expected a mapping of parameters")
-            continue
         fields = set(stage.config.field_names())
-        params = {**{k: v for k, v in shared.items() if k in fields}, **specific}
+        params: dict[str, Any] = {}
+        for layer in layers:
+            specific = layer.get(stage.name) or {}
+            if not isinstance(specific, dict):
+                problems.append(f"{stage.name}: expected a mapping of parameters")
+                specific = {}
+            # A name given for every notebook at a later layer (`-p learning_rate …`) beats a section of an
+            # earlier one (the profile's `02_train_lora: {learning_rate: …}`); within a layer the section wins.
+            params.update({k: v for k, v in layer.items() if k not in stage_names and k in fields})
+            params.update(specific)
         params = stage.config.normalised({**stage.wiring(run_dir), **_absolute_paths(params, cwd)})
         defaults = notebook_parameters(stage.notebook)
         problems += [f"{stage.name}: {p}" for p in stage.config.check_params(params)]
@@ -160,8 +172,9 @@ def stage_params(merged: dict[str, Any], run_dir: Path, cwd: Path) -> tuple[dict
 NOT_INPUTS = ("README.md", "*.png")
 
 
-def _input_state(value: str) -> list:
-    """(relative path, size, mtime) of an input file, or of every file in an input folder."""
+def _input_state(value: str, skip: tuple[str, ...] = NOT_INPUTS) -> list:
+    """(relative path, size, mtime) of an input file, or of every file in an input folder but those named in
+    `skip` (by default what a stage writes into its own input folder: 06's card and chart copy)."""
     import fnmatch
 
     path = Path(value)
@@ -175,7 +188,7 @@ def _input_state(value: str) -> list:
         relative = file.relative_to(path)
         if not file.is_file() or "checkpoints" in relative.parts or any(p.startswith(".") for p in relative.parts):
             continue
-        if any(fnmatch.fnmatch(file.name, pattern) for pattern in NOT_INPUTS):
+        if any(fnmatch.fnmatch(file.name, pattern) for pattern in skip):
             continue
         stat = file.stat()
         entries.append((str(relative), stat.st_size, stat.st_mtime_ns))
@@ -190,8 +203,8 @@ def fingerprint(stage: Stage, params: dict[str, Any], run_dir: Path) -> str:
         value = params[key]
         if key != "output_dir" and isinstance(value, str) and (key in PATH_PARAMS or key in ("base_model", "tuned_model")):
             digest.update(json.dumps([key, _input_state(value)]).encode())
-    for path in stage.also_reads(run_dir):
-        digest.update(json.dumps([path.name, _input_state(str(path))]).encode())
+    for path in stage.also_reads(run_dir):  # charts included: 06 puts plots/training_curves.png on the card
+        digest.update(json.dumps([path.name, _input_state(str(path), skip=())]).encode())
     return digest.hexdigest()
 
 
@@ -211,19 +224,33 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def find_stage(name: str, option: str) -> int:
+    """The index in STAGES of "02", "02_train_lora" or "train_lora"."""
+    for index, stage in enumerate(STAGES):
+        number, _, words = stage.name.partition("_")
+        if name in (stage.name, number, words):
+            return index
+    near = difflib.get_close_matches(name, [s.name for s in STAGES], n=1)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    raise ConfigError(f"{option} {name!r}: no such stage{hint}; stages: {', '.join(s.name for s in STAGES)} "
+                      "(or their numbers, 01 to 06)")
+
+
 def run(profile: str = "quick", params_file: str | None = None, run_dir: str | None = None,
-        overrides: dict[str, Any] | None = None, log_output: bool = True, force: bool = False) -> Path:
-    """Run every stage; with an existing run folder, skip stages done with unchanged inputs and parameters."""
+        overrides: dict[str, Any] | None = None, log_output: bool = True, force: bool = False,
+        from_stage: str | None = None, until_stage: str | None = None) -> Path:
+    """Run every stage; with an existing run folder, skip stages done with unchanged inputs and parameters.
+
+    `from_stage` runs that stage even if done (and the later ones as usual), leaving the earlier ones as they are;
+    `until_stage` stops after that stage (`until_stage="01"`: check a new sheet without training)."""
+    first = find_stage(from_stage, "--from") if from_stage else 0
+    last = find_stage(until_stage, "--until") if until_stage else len(STAGES) - 1
+    if first > last:
+        raise ConfigError(f"--from {from_stage} comes after --until {until_stage}: nothing to run")
     cwd = Path.cwd()
-    merged = profile_params(profile)
-    for extra in (load_params_file(params_file), overrides or {}):
-        for key, value in extra.items():
-            if isinstance(value, dict) and isinstance(merged.get(key), dict):
-                merged[key] = {**merged[key], **value}
-            else:
-                merged[key] = value
+    layers = [profile_params(profile), load_params_file(params_file), overrides or {}]
     run_path = Path(run_dir).resolve() if run_dir else PROJECT_ROOT / "runs" / f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{profile}"
-    per_stage, problems = stage_params(merged, run_path, cwd)
+    per_stage, problems = stage_params(layers, run_path, cwd)
     if problems:
         raise ConfigError("parameters refused before any notebook ran:\n- " + "\n- ".join(problems))
 
@@ -234,7 +261,9 @@ def run(profile: str = "quick", params_file: str | None = None, run_dir: str | N
     status = {"profile": profile, "run_dir": str(run_path), "stages": {}}
     if status_path.is_file():
         status["stages"] = json.loads(status_path.read_text(encoding="utf-8")).get("stages", {})
-    for stage in STAGES:
+    for index, stage in enumerate(STAGES):
+        if not first <= index <= last:
+            continue
         output = run_path / f"{stage.name}.ipynb"
         elsewhere = runs_on_machine_zero(stage, per_stage)
         if elsewhere:
@@ -244,11 +273,14 @@ def run(profile: str = "quick", params_file: str | None = None, run_dir: str | N
             continue
         stage_fingerprint = fingerprint(stage, per_stage[stage.name], run_path)
         previous = status["stages"].get(stage.name, {})
-        if (not force and previous.get("status") == "done" and previous.get("fingerprint") == stage_fingerprint
+        if (not force and index != (first if from_stage else -1) and previous.get("status") == "done"
+                and previous.get("fingerprint") == stage_fingerprint
                 and output.is_file() and not _is_missing(stage_output(per_stage[stage.name]))):
             print(f"[ironman_nb] {stage.name} skipped: done before with the same inputs and parameters", flush=True)
             continue
-        entry = {"status": "running", "started": _now(), "params": per_stage[stage.name], "notebook": str(output),
+        # Every parameter the notebook ran with, its defaults included (was `dry_run` on? which base_model?).
+        effective = {**notebook_parameters(stage.notebook), **per_stage[stage.name]}
+        entry = {"status": "running", "started": _now(), "params": effective, "notebook": str(output),
                  "fingerprint": stage_fingerprint}
         status["stages"][stage.name] = entry
         atomic_write_json(status_path, status)
@@ -381,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--params", help="YAML file of parameters: shared names, or per-notebook sections")
     run_p.add_argument("--run-dir", help="run folder (default runs/<time>-<profile>)")
     run_p.add_argument("--force", action="store_true", help="re-run every stage, even those done with the same inputs")
+    run_p.add_argument("--from", dest="from_stage", metavar="STAGE",
+                       help="start at this stage (02 or 02_train_lora), running it even if done; earlier ones stay")
+    run_p.add_argument("--until", dest="until_stage", metavar="STAGE", help="stop after this stage (e.g. --until 01)")
     run_p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
                        help="one parameter; VALUE is read as YAML (1234 is a number, true a boolean)")
     run_p.add_argument("-r", "--raw-param", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
@@ -388,17 +423,16 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     import logging
 
-    import yaml
-
     # papermill streams each notebook's printed output through its logger at INFO: show it (headless runs,
     # `nohup … &` logs) as plain lines.
     logging.basicConfig(format="%(message)s")
     logging.getLogger("papermill").setLevel(logging.INFO)
 
-    overrides = {name: yaml.safe_load(value) for name, value in ns.param}
+    overrides = {name: read_yaml(value) for name, value in ns.param}
     overrides.update(dict(ns.raw_param))
     try:
-        run_path = run(ns.profile, ns.params, ns.run_dir, overrides, force=ns.force)
+        run_path = run(ns.profile, ns.params, ns.run_dir, overrides, force=ns.force, from_stage=ns.from_stage,
+                       until_stage=ns.until_stage)
     except (ConfigError, StageFailed) as err:
         print(f"[ironman_nb] {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else err.exit_code

@@ -1273,6 +1273,12 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
         keep_freed_host_memory=device == "cpu",
         callbacks=[stop_on_nonfinite, _progress_log_callback(), on_terminate] + partial + list(extra_callbacks),
     )
+    # In a Jupyter kernel the Trainer adds its HTML progress bar, which fails at the end of a training stopped at
+    # the step it last drew (an interrupt: `TypeError ... 'int' and 'NoneType'` instead of TrainingInterrupted).
+    # The [train] step lines already show progress, with an ETA, in JupyterLab and in papermill's log alike.
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    trainer.remove_callback(NotebookProgressCallback)
     # DeepSpeed ZeRO-3 and FSDP hand out parameters through module calls; the fused forward reads them directly.
     if cfg.fused_lora and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
         fast = dataclasses.replace(fast, fused_lora=fuse_lora_forwards(trainer.model) > 0)

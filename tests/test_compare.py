@@ -177,6 +177,14 @@ def test_prompts_without_a_prompt_field_are_refused(tmp_path, tiny_model_dir):
                               eval_data="", output_dir=str(tmp_path / "out")))
 
 
+def test_a_missing_eval_file_is_an_error_not_a_comparison_without_nll(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "ok"}\n')
+    with pytest.raises(FileNotFoundError, match=r"eval_data .*eval_typo.jsonl: not found .*set eval_data = ''"):
+        compare(CompareConfig(base_model=str(tiny_model_dir), tuned_model=str(tiny_model_dir), prompts_path=str(prompts),
+                              eval_data=str(tmp_path / "eval_typo.jsonl"), output_dir=str(tmp_path / "out")))
+
+
 def test_vllm_path_uses_the_chat_template_greedy_and_the_stop_tokens(monkeypatch, tokenizer, tmp_path):
     """vLLM is CUDA-only: a stand-in module records what the vLLM path asks of it."""
     import sys

@@ -166,6 +166,22 @@ def test_xlsx_picks_the_sheet_with_the_header_and_keeps_formulas_as_text(tmp_pat
         read_sheet(str(path), sheet="notes")
 
 
+def test_xlsx_header_below_empty_rows_is_found_and_rows_keep_their_numbers(tmp_path):
+    import openpyxl
+
+    workbook = openpyxl.Workbook()
+    sheet = workbook.active
+    sheet.append([])
+    sheet.append([None, "  "])
+    sheet.append(["instruction", "input", "output"])
+    sheet.append(["누구야?", None, "토니 스타크."])
+    path = tmp_path / "sheet.xlsx"
+    workbook.save(path)
+    table = read_sheet(str(path))
+    assert table.rows == [{"instruction": "누구야?", "input": "", "output": "토니 스타크."}]
+    assert table.row_numbers == [4]  # as Excel numbers it, for the report's row references
+
+
 def test_json_and_jsonl(tmp_path):
     records = [{"instruction": "q1", "input": "", "output": "a1"}, {"instruction": "q2", "output": "a2", "system": "s"}]
     (tmp_path / "a.json").write_text(json.dumps(records), encoding="utf-8")

@@ -74,6 +74,18 @@ def test_read_jsonl_names_the_bad_line(tmp_path):
         read_jsonl(path)
 
 
+def test_json_files_saved_with_a_byte_order_mark_are_read(tmp_path):
+    """Windows editors save UTF-8 with a BOM: notebook 01 read such sheets, notebook 05 refused such prompts."""
+    from ironman_nb.io import read_json
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes('\ufeff{"prompt": "안녕?"}\r\n{"prompt": "누구야?"}\r\n'.encode("utf-8"))
+    assert read_jsonl(path) == [{"prompt": "안녕?"}, {"prompt": "누구야?"}]
+    path = tmp_path / "state.json"
+    path.write_bytes('\ufeff{"a": 1}'.encode("utf-8"))
+    assert read_json(path) == {"a": 1}
+
+
 def test_disk_space_is_measured_where_the_folder_will_be(tmp_path, monkeypatch):
     import shutil
 

@@ -98,7 +98,8 @@ def fake_notebooks(monkeypatch, raises=None):
             raise raises[stage]()
         out = parameters.get("output_dir") or parameters.get("model_dir")
         os.makedirs(out, exist_ok=True)
-        name = "README.md" if "model_dir" in parameters else "trainer_state.json" if stage == "02_train_lora" else f"{stage}.out"
+        name = ("README.md" if "model_dir" in parameters else "trainer_state.json" if stage == "02_train_lora"
+                else "training_curves.png" if stage == "03_plot_training" else f"{stage}.out")
         with open(os.path.join(out, name), "w") as handle:
             handle.write(str(time.time_ns()))
         with open(output, "w") as handle:
@@ -122,6 +123,8 @@ def test_runner_skips_stages_done_with_unchanged_inputs(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     runner.run("quick", run_dir=str(run_dir), overrides={"input_path": str(sheet)}, log_output=False)
     assert len(calls) == 6
+    stages = json.loads((run_dir / "status.json").read_text(encoding="utf-8"))["stages"]
+    assert stages["06_push_to_hub"]["params"]["dry_run"] is True  # defaults too: was anything uploaded?
     calls.clear()
     runner.run("quick", run_dir=str(run_dir), overrides={"input_path": str(sheet)}, log_output=False)
     assert calls == []
@@ -167,6 +170,9 @@ def test_a_stage_whose_output_was_deleted_runs_again(tmp_path, monkeypatch):
     calls.clear()
     runner.run("quick", run_dir=str(run_dir), overrides=overrides, log_output=False)
     assert calls == ["03_plot_training.ipynb", "06_push_to_hub.ipynb"]  # the card shows the charts
+    calls.clear()
+    runner.run("quick", run_dir=str(run_dir), overrides={**overrides, "smoothing": 0.3}, log_output=False)
+    assert calls == ["03_plot_training.ipynb", "06_push_to_hub.ipynb"]  # new charts: the card gets them
 
 
 def test_a_dead_kernel_or_ctrl_c_is_recorded_in_the_status(tmp_path, monkeypatch, capsys):
@@ -303,3 +309,28 @@ def test_committed_notebooks_carry_no_outputs():
         if path.suffix == ".ipynb":
             nb = json.loads(path.read_text(encoding="utf-8"))
             assert all(not c.get("outputs") and not c.get("execution_count") for c in nb["cells"] if c["cell_type"] == "code"), path
+
+
+def test_from_and_until_run_a_part_of_the_pipeline(tmp_path, monkeypatch):
+    """Check a new sheet without training (`--until 01`); re-run one stage (`--from 05`) though nothing changed."""
+    from ironman_nb import runner
+    from ironman_nb.config import ConfigError
+
+    calls = fake_notebooks(monkeypatch)
+    overrides = {"input_path": str(write_sheet(tmp_path / "sheet.csv"))}
+    run_dir = tmp_path / "run"
+    runner.run("quick", run_dir=str(run_dir), overrides=overrides, log_output=False, until_stage="01")
+    assert calls == ["01_prepare_data.ipynb"]
+    calls.clear()
+    runner.run("quick", run_dir=str(run_dir), overrides=overrides, log_output=False)
+    assert calls == ["02_train_lora.ipynb", "03_plot_training.ipynb", "04_merge_lora.ipynb", "05_compare.ipynb",
+                     "06_push_to_hub.ipynb"]  # 01 was done: skipped
+    calls.clear()
+    runner.run("quick", run_dir=str(run_dir), overrides=overrides, log_output=False, from_stage="compare")
+    assert calls == ["05_compare.ipynb", "06_push_to_hub.ipynb"]  # 06 because 05's output changed
+    with pytest.raises(ConfigError, match=r"--from '05_compar': no such stage \(did you mean 05_compare\?\)"):
+        runner.run("quick", run_dir=str(run_dir), from_stage="05_compar")
+    with pytest.raises(ConfigError, match="comes after --until"):
+        runner.run("quick", run_dir=str(run_dir), from_stage="04", until_stage="02")
+    with pytest.raises(ConfigError, match=r"unknown parameter '02_train': no notebook has it \(did you mean '02_train_lora'\?"):
+        runner.run("quick", run_dir=str(run_dir), overrides={"02_train": {"seed": 1}})

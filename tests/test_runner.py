@@ -84,23 +84,43 @@ def test_unquoted_on_off_in_yaml_mean_the_words(tmp_path):
 
     params = yaml.safe_load("02_train_lora:\n  padding_free: off\n  gradient_checkpointing: on\n  token_metrics: on\n"
                             "  merge_micro_batches: off\n")
-    per_stage, problems = stage_params(params, tmp_path, tmp_path)
+    per_stage, problems = stage_params([params], tmp_path, tmp_path)
     assert problems == []
     train = per_stage["02_train_lora"]
     assert (train["padding_free"], train["gradient_checkpointing"], train["token_metrics"]) == ("off", "on", True)
     assert train["merge_micro_batches"] == "off"  # a field whose words are auto/off only
-    _, problems = stage_params({"02_train_lora": {"lora_target": False}}, tmp_path, tmp_path)
+    _, problems = stage_params([{"02_train_lora": {"lora_target": False}}], tmp_path, tmp_path)
     assert any("lora_target: must be a string" in p for p in problems)  # only the on/off fields
+
+
+def test_a_later_layer_beats_an_earlier_ones_section(tmp_path):
+    """`-p learning_rate 1e-3` with the quick profile, whose 02_train_lora section sets its own learning rate:
+    the command line wins (the profile's section won, silently, and a bad value there went unchecked)."""
+    from ironman_nb.runner import profile_params
+
+    profile = profile_params("quick")
+    assert "learning_rate" in profile["02_train_lora"] and "max_new_tokens" in profile["05_compare"]
+    file_layer = {"max_new_tokens": 7, "02_train_lora": {"seed": 5}}
+    per_stage, problems = stage_params([profile, file_layer, {"learning_rate": 0.001, "seed": 9}], tmp_path, tmp_path)
+    assert problems == []
+    assert per_stage["02_train_lora"]["learning_rate"] == 0.001 and per_stage["02_train_lora"]["seed"] == 9
+    assert per_stage["05_compare"]["max_new_tokens"] == 7
+    assert per_stage["02_train_lora"]["num_train_epochs"] == profile["02_train_lora"]["num_train_epochs"]
+    # Within one layer the stage's own section is the more specific: it wins over the layer's shared name.
+    per_stage, _ = stage_params([{"seed": 1, "02_train_lora": {"seed": 2}}], tmp_path, tmp_path)
+    assert (per_stage["01_prepare_data"]["seed"], per_stage["02_train_lora"]["seed"]) == (1, 2)
+    _, problems = stage_params([profile, {"num_train_epochs": "abc"}], tmp_path, tmp_path)
+    assert any("num_train_epochs: must be a number" in p for p in problems)
 
 
 def test_links_are_not_taken_for_paths(tmp_path):
     for link in ("docs.google.com/spreadsheets/d/abc123/edit#gid=5", "https://docs.google.com/spreadsheets/d/abc123"):
-        per_stage, problems = stage_params({"input_path": link}, tmp_path, tmp_path)
+        per_stage, problems = stage_params([{"input_path": link}], tmp_path, tmp_path)
         assert problems == [] and per_stage["01_prepare_data"]["input_path"] == link
 
 
 def test_stages_are_wired_through_the_run_folder(tmp_path):
-    per_stage, problems = stage_params({"seed": 3, "input_path": "my.csv"}, tmp_path, tmp_path)
+    per_stage, problems = stage_params([{"seed": 3, "input_path": "my.csv"}], tmp_path, tmp_path)
     assert problems == []
     assert per_stage["01_prepare_data"]["input_path"] == str(tmp_path / "my.csv")
     assert per_stage["01_prepare_data"]["seed"] == 3 and per_stage["02_train_lora"]["seed"] == 3
@@ -111,10 +131,10 @@ def test_stages_are_wired_through_the_run_folder(tmp_path):
 def test_a_checkpoint_to_resume_from_is_taken_from_where_the_runner_started(tmp_path):
     """`-p resume runs/x/adapter/checkpoints/checkpoint-100`, not resolved against notebooks/ in the kernel."""
     checkpoint = "runs/x/adapter/checkpoints/checkpoint-100"
-    per_stage, problems = stage_params({"resume": checkpoint}, tmp_path / "run", tmp_path)
+    per_stage, problems = stage_params([{"resume": checkpoint}], tmp_path / "run", tmp_path)
     assert problems == [] and per_stage["02_train_lora"]["resume"] == str(tmp_path / checkpoint)
     for word in ("auto", "never"):
-        per_stage, problems = stage_params({"resume": word}, tmp_path / "run", tmp_path)
+        per_stage, problems = stage_params([{"resume": word}], tmp_path / "run", tmp_path)
         assert problems == [] and per_stage["02_train_lora"]["resume"] == word
 
 
@@ -136,3 +156,38 @@ def test_a_second_machine_trains_and_leaves_the_later_stages_to_machine_zero(tmp
     executed.clear()
     run("quick", run_dir=str(tmp_path / "m0"), overrides={**cluster, "machine_rank": 0})
     assert executed == [stage.name for stage in STAGES]
+
+
+def test_numbers_written_1e_4_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-4` as a string, so `-p learning_rate 1e-4` was refused as not a number."""
+    from ironman_nb.config import read_yaml
+
+    assert [read_yaml(t) for t in ("1e-4", "-2E+3", ".5e1", "1.0e-4", "e5", "1e", '"1e-4"')] == [
+        1e-4, -2000.0, 5.0, 1e-4, "e5", "1e", "1e-4"]
+    params = tmp_path / "params.yaml"
+    params.write_text("02_train_lora:\n  learning_rate: 2e-4\n", encoding="utf-8-sig")  # saved with a BOM too
+    from ironman_nb.runner import load_params_file
+
+    layer = load_params_file(str(params))
+    per_stage, problems = stage_params([layer, {"lora_dropout": read_yaml("1e-2")}], tmp_path, tmp_path)
+    assert problems == [] and per_stage["02_train_lora"]["learning_rate"] == 2e-4
+    assert per_stage["02_train_lora"]["lora_dropout"] == 0.01
+
+
+def test_papermill_reads_every_parameter_of_every_notebook():
+    """A quote in a parameter's comment made papermill skip that line (a warning on every run, and the
+    parameter missing from `papermill --help-notebook`)."""
+    from papermill.translators import PythonTranslator
+
+    for stage in STAGES:
+        nb = json.loads(stage.notebook.read_text(encoding="utf-8"))
+        cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+        source = "".join(cell["source"])
+        read = [p.name for p in PythonTranslator.inspect({"source": source})]
+        assert read == list(notebook_parameters(stage.notebook)), stage.name
+
+
+def test_the_accelerate_config_is_not_offered_as_a_profile(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        run("accelerate_fsdp", run_dir=str(tmp_path / "r"))
+    assert "(profiles: full, gpu24gb, quick)" in str(caught.value)

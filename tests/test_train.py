@@ -1263,3 +1263,15 @@ def test_four_bit_profile_parameters_match_the_notebook():
 
     params = profile_params("gpu24gb")["02_train_lora"]
     assert TrainConfig.from_params(**params).quantization == "4bit"
+
+
+def test_no_html_progress_bar_in_a_jupyter_kernel(tmp_path, tiny_model_dir, monkeypatch):
+    """transformers' notebook progress bar raised TypeError at the end of an interrupted training (in place of
+    TrainingInterrupted); the [train] step lines show progress instead."""
+    import transformers.trainer
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    monkeypatch.setattr(transformers.trainer, "DEFAULT_PROGRESS_CALLBACK", NotebookProgressCallback)  # as in Jupyter
+    setup = build_trainer(tiny_cfg(tmp_path, tiny_model_dir))
+    kinds = [type(c).__name__ for c in setup.trainer.callback_handler.callbacks]
+    assert "NotebookProgressCallback" not in kinds and "ProgressLog" in kinds
