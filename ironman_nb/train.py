@@ -160,11 +160,14 @@ def wants_shared_prefix(cfg: TrainConfig, device: str, world_size: int, micro_ba
     """Whether the shared system-turn prefix runs, at `micro_batch` samples per micro-batch. It needs padded rows.
     On a CPU, where time follows FLOPs, it saves more than packing (the persona prompt is ~45 % of each sample);
     on a GPU it pays off with large micro-batches only (GPU_PREFIX_MIN_BATCH). Two forward calls per backward
-    (prefix, then samples) are not for DDP / ZeRO gradient hooks."""
+    (prefix, then samples) are not for DDP / ZeRO gradient hooks. Not with LoRA dropout: the one prefix pass
+    draws one dropout mask for every sample of the step, where separate samples draw their own (the same expected
+    gradient, ~1.9× its spread at 8 samples and dropout 0.3)."""
     if cfg.shared_prefix != "auto":
         return cfg.shared_prefix == "on"
     least = GPU_PREFIX_MIN_BATCH if device == "cuda" else 2
-    return micro_batch >= least and cfg.padding_free != "on" and world_size == 1 and cfg.launcher != "deepspeed"
+    return (micro_batch >= least and cfg.padding_free != "on" and world_size == 1 and cfg.launcher != "deepspeed"
+            and cfg.lora_dropout == 0)
 
 
 def choose_micro_batch(cfg: TrainConfig, device: str, world_size: int, estimate, budget: float) -> int:
@@ -806,6 +809,28 @@ class RealTokenCount:
         return int(self._real_tokens)
 
 
+def epoch_seeded_length_grouped_sampler(sampler, seed: int):
+    """transformers' length-grouped order, drawn from (seed, epoch) instead of the global random state.
+
+    transformers' sampler draws each epoch's order from the global generator when the epoch starts; a run resumed
+    in its second epoch or later restores that state only afterwards, so it redrew epoch 1's order and skipped
+    into it — samples seen twice, others never, in that epoch. Trainer calls `set_epoch` before each epoch."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+
+    class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+        epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = int(epoch)
+
+        def __iter__(self):
+            generator = torch.Generator().manual_seed(seed + self.epoch)
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+    return EpochSeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths)
+
+
 def _sft_trainer_class():
     import torch
     from trl import SFTTrainer
@@ -841,6 +866,12 @@ def _sft_trainer_class():
             # FSDP and DDP reduce gradients inside each backward, so there the prefix runs per micro-batch.
             self.prefix_per_step = not (self.is_deepspeed_enabled or self.is_fsdp_enabled
                                         or self.accelerator.num_processes > 1)
+
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if type(sampler).__name__ == "LengthGroupedSampler":
+                return epoch_seeded_length_grouped_sampler(sampler, self.args.data_seed or self.args.seed)
+            return sampler
 
         @torch.no_grad()
         def _log_token_metrics(self, logits, targets, mode: str) -> None:
@@ -1011,17 +1042,24 @@ def _progress_log_callback():
     class ProgressLog(TrainerCallback):
         """One plain line per log: readable in a papermill log, a nohup log and a notebook alike."""
 
+        def __init__(self):
+            # An evaluation outside train() (a run finished from its last checkpoint) logs before any train begins.
+            self.started, self.first_step = None, None
+
         def on_train_begin(self, args, state, control, **kwargs):
             self.started, self.first_step = time.perf_counter(), state.global_step
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
-            done = state.global_step - self.first_step
-            elapsed = time.perf_counter() - self.started
-            eta = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
             values = " ".join(f"{k} {logs[k]:.4g}" for k in ("loss", "eval_loss", "grad_norm", "learning_rate") if k in logs)
-            if values and state.is_world_process_zero:
-                print(f"[train] step {state.global_step}/{state.max_steps} {values} | {elapsed:.0f} s, ETA {eta:.0f} s", flush=True)
+            if not values or not state.is_world_process_zero:
+                return
+            timing = ""
+            if self.started is not None:
+                done, elapsed = state.global_step - self.first_step, time.perf_counter() - self.started
+                eta = elapsed / done * (state.max_steps - state.global_step) if done else float("nan")
+                timing = f" | {elapsed:.0f} s, ETA {eta:.0f} s"
+            print(f"[train] step {state.global_step}/{state.max_steps} {values}{timing}", flush=True)
 
     return ProgressLog()
 
@@ -1138,7 +1176,9 @@ def load_training_data(cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
     return train_records, eval_records
 
 
-def sft_config(cfg: TrainConfig, fast: FastPath, checkpoint_dir: Path, do_eval: bool):
+def sft_config(cfg: TrainConfig, fast: FastPath, checkpoint_dir: Path, do_eval: bool, eval_batch_size: int = 0):
+    """TRL's SFTConfig for `cfg` (whose micro-batch may be merged); the held-out loss is computed in batches of
+    `eval_batch_size` (the configured per_device_train_batch_size), so that merging does not change it."""
     from trl import SFTConfig
 
     return SFTConfig(
@@ -1149,7 +1189,7 @@ def sft_config(cfg: TrainConfig, fast: FastPath, checkpoint_dir: Path, do_eval: 
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=eval_batch_size or cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
@@ -1233,6 +1273,7 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
         return estimate(batch, bool(prefix) and wants_shared_prefix(cfg, device, world_size, batch), mlp_kept)
 
     micro_batch = choose_micro_batch(cfg, device, world_size, estimate_as_run, budget)
+    eval_batch_size = cfg.per_device_train_batch_size
     if micro_batch != cfg.per_device_train_batch_size:
         per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
         cfg = dataclasses.replace(cfg, per_device_train_batch_size=micro_batch,
@@ -1261,7 +1302,7 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     on_terminate = _terminate_callback()
     trainer = _sft_trainer_class()(
         model=model,
-        args=sft_config(cfg, fast, checkpoint_dir, eval_ds is not None),
+        args=sft_config(cfg, fast, checkpoint_dir, eval_ds is not None, eval_batch_size),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,

@@ -148,8 +148,9 @@ def test_merged_micro_batches_give_the_same_gradients(tmp_path, tiny_model_dir, 
             tmp_path / str(merged), tiny_model_dir, max_steps=2, eval_steps=0, save_steps=100, **BATCH_MODES["padded"]))
         args = setup.trainer.args
         splits[merged] = (args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                          setup.fast.micro_batch, setup.fast.accumulation_steps)
-    assert splits == {False: (2, 2, 2, 2), True: (4, 1, 4, 1)}
+                          setup.fast.micro_batch, setup.fast.accumulation_steps, args.per_device_eval_batch_size)
+    # The held-out loss (a mean over batches of the batches' means) keeps the configured batch size.
+    assert splits == {False: (2, 2, 2, 2, 2), True: (4, 1, 4, 1, 2)}
     _assert_same_gradients(grads[False], grads[True])
 
 
@@ -380,6 +381,9 @@ def test_cpu_fast_path(monkeypatch):
     assert choose_fast_path(TrainConfig(precision="fp32"), "cpu", model_type="llama").attn_implementation == "sdpa"
     packed = choose_fast_path(TrainConfig(per_device_train_batch_size=1), "cpu")
     assert (packed.shared_prefix, packed.padding_free) == (False, True)
+    # LoRA dropout: one prefix pass would draw one dropout mask for every sample of the step.
+    assert choose_fast_path(TrainConfig(lora_dropout=0.05), "cpu").shared_prefix is False
+    assert choose_fast_path(TrainConfig(lora_dropout=0.05, shared_prefix="on"), "cpu").shared_prefix is True
     forced = choose_fast_path(TrainConfig(precision="bf16", gradient_checkpointing="on", padding_free="off"), "cpu")
     # The shared prefix stays under checkpointing (its cache is read-only: a recompute sees the same prefix).
     assert (forced.precision, forced.gradient_checkpointing, forced.shared_prefix, forced.padding_free) == ("bf16", True, True, False)
@@ -1067,8 +1071,9 @@ def test_a_finished_run_is_not_stepped_past_its_end(tmp_path, tiny_model_dir, ca
     assert "reached step 4, past the 2 planned now" in caplog.text
 
 
+@pytest.mark.parametrize("eval_steps", [3, 0])
 def test_a_run_killed_during_its_final_save_is_saved_from_its_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch,
-                                                                             caplog):
+                                                                             caplog, eval_steps):
     """Training reached its last step and checkpoint, then the process died while saving the adapter: the next
     run saves that checkpoint's adapter and evaluates it; it does not train again."""
     import ironman_nb.train as train_module
@@ -1080,11 +1085,10 @@ def test_a_run_killed_during_its_final_save_is_saved_from_its_last_checkpoint(tm
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    # Evaluated at 0 and 3: the held-out loss after step 4 is computed after training, from the weights.
-    reference = train(tiny_cfg(tmp_path / "reference", tiny_model_dir, eval_steps=3))
+    reference = train(tiny_cfg(tmp_path / "reference", tiny_model_dir, eval_steps=eval_steps))
     monkeypatch.setattr(train_module, "_save_final", killed)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=3))
+        train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=eval_steps))
     monkeypatch.setattr(train_module, "_save_final", real_save)
     last = tmp_path / "adapter" / "checkpoints" / "checkpoint-4"
     assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
@@ -1093,16 +1097,17 @@ def test_a_run_killed_during_its_final_save_is_saved_from_its_last_checkpoint(tm
         raise AssertionError("trained again")
 
     monkeypatch.setattr(Trainer, "training_step", no_training)
-    finished = train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=3))
+    finished = train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=eval_steps))
     assert "saving the adapter from that checkpoint instead of training again" in caplog.text
     result = finished.run_config["result"]
     assert result["global_step"] == 4 and result["train_loss"] is None
     saved, kept = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "adapter", last))
     assert saved.keys() == kept.keys() and all((saved[k] == kept[k]).all() for k in saved)
-    assert [h["step"] for h in finished.log_history if "eval_loss" in h] == [0, 3, 4]
+    # Evaluated at 0 (and 3): the held-out loss after step 4 is computed from the checkpoint's weights.
+    assert [h["step"] for h in finished.log_history if "eval_loss" in h] == ([0, 3, 4] if eval_steps else [0, 4])
     assert result["eval_loss_after"] == pytest.approx(reference.run_config["result"]["eval_loss_after"], rel=1e-5)
     assert result["eval_loss_after"] != result["eval_loss_before"]
-    assert train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=3)).run_config == finished.run_config  # now done
+    assert train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=eval_steps)).run_config == finished.run_config  # now done
 
 
 def test_resume_skips_checkpoints_that_cannot_be_continued(tmp_path, tiny_model_dir):
@@ -1275,3 +1280,22 @@ def test_no_html_progress_bar_in_a_jupyter_kernel(tmp_path, tiny_model_dir, monk
     setup = build_trainer(tiny_cfg(tmp_path, tiny_model_dir))
     kinds = [type(c).__name__ for c in setup.trainer.callback_handler.callbacks]
     assert "NotebookProgressCallback" not in kinds and "ProgressLog" in kinds
+
+
+def test_a_run_resumed_in_its_second_epoch_trains_as_if_never_stopped(tmp_path, tiny_model_dir):
+    """Length-grouped batches: transformers drew each epoch's order from the global random state, which a resumed
+    run restores only after drawing, so a run resumed in epoch 2 replayed epoch 1's order (some samples twice)."""
+    import shutil
+
+    params = dict(max_steps=-1, num_train_epochs=3, save_steps=1, save_total_limit=0, eval_steps=0)
+    full = train(tiny_cfg(tmp_path / "full", tiny_model_dir, **params))  # 12 samples, 4 per step: 3 steps an epoch
+    assert full.run_config["resolved"]["shared_prefix"] and not full.run_config["resolved"]["padding_free"]
+    kept = tmp_path / "resumed" / "adapter" / "checkpoints"
+    shutil.copytree(tmp_path / "full" / "adapter" / "checkpoints", kept)
+    for later in range(5, 10):
+        shutil.rmtree(kept / f"checkpoint-{later}")
+    resumed = train(tiny_cfg(tmp_path / "resumed", tiny_model_dir, **params, data_dir=str(tmp_path / "full" / "data")))
+    assert resumed.run_config["resolved"]["resumed_from"] == str(kept / "checkpoint-4")  # one step into epoch 2
+    losses = lambda r: [(h["step"], h["loss"]) for h in r.log_history if "loss" in h and h["step"] > 4]
+    assert [s for s, _ in losses(resumed)] == [5, 6, 7, 8, 9]
+    assert [l for _, l in losses(resumed)] == pytest.approx([l for _, l in losses(full)], rel=1e-5)
