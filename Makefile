@@ -13,13 +13,22 @@ KERNEL_DISPLAY := Python (ironman_nb)
 
 .PHONY: install setup kernel lab run test clean-runs
 
+# The stamp says which checkout the environment was installed for (its editable install points there) and is
+# dropped when that is another folder (a moved or copied checkout) or the environment's Python no longer runs
+# (a volume reused with another image): the next install then repairs the environment.
+ifneq ($(wildcard $(STAMP)),)
+ifneq ($(shell cat $(STAMP) 2>/dev/null)|$(shell $(PY) -c 'print(1)' 2>/dev/null),$(CURDIR)|1)
+$(shell rm -f $(STAMP))
+endif
+endif
+
 install: $(STAMP) kernel
 
 setup: install
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV)
-	touch $(STAMP)
+	echo "$(CURDIR)" > $(STAMP)
 
 # The Jupyter kernel the notebooks name, pointing at this checkout's .venv. Registered in the user's Jupyter
 # folder (seen by a pod's own JupyterLab too), again on every install: it takes a fraction of a second, and a
