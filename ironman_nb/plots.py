@@ -91,7 +91,6 @@ def _draw(ax, history: list[dict], key: str, weight: float) -> bool:
         return False
     title, label = SERIES[key]
     color = "C1" if key == "eval_loss" else "C0"
-    finite = [(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
     if len(ys) <= MARKER_POINTS:
         ax.plot(xs, ys, "o", ms=3, alpha=0.3, color=color, label=f"{label} (raw)")
     else:
@@ -104,7 +103,7 @@ def _draw(ax, history: list[dict], key: str, weight: float) -> bool:
     elif len(ys) > 1:
         ax.plot(xs, ys, "-", lw=1.5, color=color, label=label)
     bad = [x for x, y in zip(xs, ys) if not math.isfinite(y)]
-    if bad and finite:
+    if bad and len(bad) < len(ys):
         # fp16 runs go on through an overflowed (inf) gradient norm; matplotlib would leave those steps out.
         ax.plot(bad, [0.97] * len(bad), "x", ms=5, color="red", transform=ax.get_xaxis_transform(), clip_on=False,
                 label=f"{len(bad)} inf/NaN (step marked)")
