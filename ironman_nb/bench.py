@@ -378,11 +378,17 @@ def _run_isolated(name: str, args: BenchArgs, device: str, precision: str) -> di
 RESULT_MARK = "BENCH_RESULT "
 
 
+def run_records(args: BenchArgs) -> list[dict]:
+    """The samples of every run: one step's more than the warm-up and timed steps take, so that with `profile`
+    (which trains that one more step) the data, and so the length-grouped order, are the same as without."""
+    return bench_records(args.batch * args.accum * (args.warmup + args.steps + 1))
+
+
 def run_one_main(payload: str) -> int:
     """Entry point of an isolated run: one `_run_once`, its result on one marked stdout line."""
     spec = json.loads(payload)
     args = BenchArgs(**{**spec["args"], "configs": tuple(spec["args"]["configs"])})
-    records = bench_records(args.batch * args.accum * (args.warmup + args.steps + args.profile))
+    records = run_records(args)
     result = _run_once(spec["name"], args, spec["device"], spec["precision"], records)
     print(RESULT_MARK + json.dumps(result, ensure_ascii=False), flush=True)
     return 0
@@ -399,7 +405,7 @@ def bench_train(args: BenchArgs, emit=print) -> dict:
     device = resolve_device()
     precision = resolve_precision("auto", device)
     isolate = args.isolate == "on"
-    records = bench_records(args.batch * args.accum * (args.warmup + args.steps + args.profile))
+    records = run_records(args)
     runs: dict[str, list] = {name: [] for name in args.configs}
     stopped = []
 
