@@ -5,6 +5,7 @@ Also the entry point for launchers: `python -m ironman_nb.train --config run_con
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -611,6 +612,17 @@ def common_prefix_length(sequences: list[list[int]]) -> int:
         if not length:
             break
     return length
+
+
+def shared_prefix_length(sequences: list[list[int]], head: int) -> int:
+    """The length of the system turn most samples start with: the common prefix of the rows that share the most
+    common first `head` tokens, if they are most of the rows (a few rows with a system prompt of their own must
+    not make it 0 for all); else of all rows."""
+    starts = collections.Counter(tuple(s[:head]) for s in sequences)
+    start, count = starts.most_common(1)[0]
+    if 2 * count > len(sequences) and count > 1:
+        return common_prefix_length([s for s in sequences if tuple(s[:head]) == start])
+    return common_prefix_length(sequences)
 
 
 def next_token_targets(labels):
@@ -1256,9 +1268,9 @@ def build_trainer(cfg: TrainConfig, model=None, tokenizer=None, records=None, ex
     parameter_count = model.num_parameters()
     longest = longest_sample(train_ds)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    # The persona system turn every sample starts with. Measured on the first rows: a cap too long for a later
+    # The persona system turn the samples start with. Measured on the first rows: a cap too long for a later
     # batch only makes its step run the prefix twice.
-    prefix = common_prefix_length(train_ds[:1000]["input_ids"])
+    prefix = shared_prefix_length(train_ds[:1000]["input_ids"], SharedPrefixCollator.min_prefix)
     if prefix < SharedPrefixCollator.min_prefix:
         prefix = 0
 

@@ -1299,3 +1299,21 @@ def test_a_run_resumed_in_its_second_epoch_trains_as_if_never_stopped(tmp_path, 
     losses = lambda r: [(h["step"], h["loss"]) for h in r.log_history if "loss" in h and h["step"] > 4]
     assert [s for s, _ in losses(resumed)] == [5, 6, 7, 8, 9]
     assert [l for _, l in losses(resumed)] == pytest.approx([l for _, l in losses(full)], rel=1e-5)
+
+
+def test_a_few_rows_with_their_own_system_prompt_keep_the_shared_prefix_for_the_rest(tmp_path, tiny_model_dir):
+    """One sheet row with a `system` cell of its own made the common prefix of all rows 0, so every batch used
+    its own prefix and the micro-batches of a step stopped sharing one pass (and the memory plan assumed none)."""
+    from ironman_nb.train import shared_prefix_length
+
+    persona = [7] * 20
+    rows = [[1, 2, 3] + [9] * 18 + [4]] + [persona + [i, i + 1] for i in range(5)]
+    assert shared_prefix_length(rows, 16) == 20
+    assert shared_prefix_length(rows[:2], 16) == 0  # no majority: the prefix of all rows
+    train_file = write_chat_data(tmp_path / "mixed", train_rows=8) / "train.jsonl"
+    records = [json.loads(line) for line in train_file.read_text(encoding="utf-8").splitlines()]
+    records[-1]["messages"][0]["content"] = "너는 페퍼 포츠야. 침착하게 답해."  # a row's own system prompt
+    train_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    setup = build_trainer(tiny_cfg(tmp_path, tiny_model_dir, data_dir=str(tmp_path / "mixed"), max_steps=1,
+                                   eval_steps=0, gradient_accumulation_steps=2))
+    assert len(setup.train_records) == 8 and setup.trainer.data_collator.max_prefix >= 16
