@@ -17,15 +17,19 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import TrainConfig
-from .io import atomic_write_json, read_json
+from .config import ConfigError, TrainConfig
+from .io import atomic_write_bytes, atomic_write_json, read_json
 
 # Set in the launched processes, so `train` runs there instead of launching again.
 LAUNCHED_ENV = "IRONMAN_NB_LAUNCHED"
 LOG_TAIL_LINES = 40
 ANSI_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 PROGRESS_FRAMES = re.compile(r"^.*(?:it/s|s/it)\]")  # up to the end of the last tqdm frame on the line
-ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Failed)\b[\w.]*: ")
+ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Failed|OutOfMemory|Interrupted)\b[\w.]*: ")
+# torch.distributed prefixes each line a worker prints after its process group started.
+RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s?")
+# The launchers' own reports that a worker failed: the worker's exception, printed before them, is the cause.
+LAUNCHER_ERRORS = ("ChildFailedError", "CalledProcessError")
 
 
 class LaunchFailed(RuntimeError):
@@ -55,14 +59,34 @@ def launch_command(cfg: TrainConfig, config_path: Path, precision: str) -> list[
             command += ["--multi_gpu"]  # torchrun-style processes; on a CPU they join over gloo
         return command + ["-m"] + entry
     if cfg.launcher == "deepspeed":
-        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(cfg.num_processes),
-                   "--master_port", str(cfg.main_process_port)]
+        command = [sys.executable, "-m", "deepspeed.launcher.runner"]
+        visible = [i for i in os.environ.get("CUDA_VISIBLE_DEVICES", "").replace(" ", "").split(",") if i]
         if cfg.num_machines > 1:
-            # One launch per machine, each given its rank (no ssh hostfile needed).
-            command += ["--no_ssh", "--num_nodes", str(cfg.num_machines), "--node_rank", str(cfg.machine_rank),
-                        "--master_addr", cfg.main_process_ip]
-        return command + ["--module"] + entry
+            # One launch per machine, each given its rank. Without a hostfile the runner refuses several nodes;
+            # with one (written beside the config) and --no_ssh it starts this machine's processes itself.
+            command += ["--hostfile", str(deepspeed_hostfile(config_path)), "--no_ssh", "--num_nodes",
+                        str(cfg.num_machines), "--node_rank", str(cfg.machine_rank), "--master_addr",
+                        cfg.main_process_ip, "--num_gpus", str(cfg.num_processes)]
+        elif visible:
+            # --num_gpus makes the runner drop CUDA_VISIBLE_DEVICES and take GPUs 0…n-1 (others' on a shared machine).
+            if len(visible) < cfg.num_processes:
+                raise ConfigError(f"TrainConfig.num_processes: {cfg.num_processes} processes, but CUDA_VISIBLE_DEVICES "
+                                  f"shows {len(visible)} GPU(s) ({','.join(visible)})")
+            command += ["--include", "localhost:" + ",".join(visible[:cfg.num_processes])]
+        else:
+            command += ["--num_gpus", str(cfg.num_processes)]
+        return command + ["--master_port", str(cfg.main_process_port), "--module"] + entry
     raise ValueError(f"launcher {cfg.launcher!r}: nothing to launch")
+
+
+def deepspeed_hostfile(config_path: Path) -> Path:
+    return config_path.parent / "deepspeed_hostfile"
+
+
+def write_deepspeed_hostfile(cfg: TrainConfig, config_path: Path) -> None:
+    """The machines of a several-machine deepspeed run, by rank (names only label them: nothing connects by ssh)."""
+    hosts = "".join(f"machine{rank} slots={cfg.num_processes}\n" for rank in range(cfg.num_machines))
+    atomic_write_bytes(deepspeed_hostfile(config_path), hosts.encode())
 
 
 @contextlib.contextmanager
@@ -87,8 +111,10 @@ def _passed_on_to(process: subprocess.Popen, received: list[int]):
 
     def handler(signum, frame):
         received.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
+        # To the launcher's whole process group (it runs in a session of its own): the deepspeed runner, and
+        # accelerate with one process, die of SIGTERM without passing it on, which left the workers training.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGTERM)
         print(f"[launch] {signal.Signals(signum).name}: asked the launcher to stop the training processes (they save "
               "a checkpoint at the end of the step first)", flush=True)
 
@@ -99,33 +125,42 @@ def run_launched(cfg: TrainConfig, precision: str, echo=print):
     """Run training under the launcher; stream its output; return the TrainResult it wrote."""
     from .train import TrainResult
 
-    output_dir = Path(cfg.output_dir)
+    # The launcher runs in the package's folder, the notebook in notebooks/: every path goes to it absolute.
+    output_dir = Path(cfg.output_dir).resolve()
     resolved = dataclasses.replace(
         cfg,
         data_dir=str(Path(cfg.data_dir).resolve()),
-        output_dir=str(output_dir.resolve()),
+        output_dir=str(output_dir),
+        resume=cfg.resume if cfg.resume in ("auto", "never") else str(Path(cfg.resume).resolve()),
         deepspeed_config=str(Path(cfg.deepspeed_config).resolve()) if cfg.launcher == "deepspeed" else cfg.deepspeed_config,
         base_model=str(Path(cfg.base_model).resolve()) if Path(cfg.base_model).is_dir() else cfg.base_model,
     )
     if cfg.launcher == "deepspeed" and not Path(resolved.deepspeed_config).is_file():
         raise FileNotFoundError(f"deepspeed_config {cfg.deepspeed_config!r} not found (shipped: configs/ds_zero2.json, configs/ds_zero3.json)")
     config_path = atomic_write_json(output_dir / "launch_config.json", resolved.to_dict())
+    if cfg.launcher == "deepspeed" and cfg.num_machines > 1:
+        write_deepspeed_hostfile(cfg, config_path)
     command = launch_command(resolved, config_path, precision)
     echo(f"[launch] {' '.join(command)}")
     env = {**os.environ, LAUNCHED_ENV: "1", "PYTHONUNBUFFERED": "1"}
     tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
     errors: list[str] = []  # the exception lines of the processes' tracebacks: the cause, above the launcher's noise
     received: list[int] = []  # signals passed on to the launcher
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    # Bytes that are not UTF-8 (a library's message in another encoding) are replaced, not a reason to stop
+    # reading: the closed pipe would kill the training processes at their next print.
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8",
+                          errors="replace", env=env, start_new_session=True,
                           cwd=Path(__file__).resolve().parent.parent) as process, _passed_on_to(process, received):
         assert process.stdout is not None
         for raw in process.stdout:
             # Progress bars redraw with "\r" and cursor codes and end no line, so the processes' own lines (the
             # "[train] step" progress among them) arrive glued after a bar's last frame: keep only what follows it.
-            line = PROGRESS_FRAMES.sub("", ANSI_CODES.sub("", raw.rstrip("\n").split("\r")[-1]))
+            line = PROGRESS_FRAMES.sub("", ANSI_CODES.sub("", raw.rstrip("\r\n").split("\r")[-1]))
             tail.append(line)
-            if ERROR_LINE.match(line) and line.strip() not in errors:
-                errors.append(line.strip())
+            unprefixed = RANK_PREFIX.sub("", line).strip()
+            if (ERROR_LINE.match(unprefixed) and unprefixed not in errors
+                    and not any(name in unprefixed for name in LAUNCHER_ERRORS)):
+                errors.append(unprefixed)
             if line.strip() and not line.startswith("{'"):  # Trainer's own dict logs repeat the [train] lines
                 echo(line)
         code = process.wait()

@@ -26,13 +26,38 @@ def test_accelerate_command_line():
     assert "--config_file " + str((Path("configs/accelerate_fsdp.yaml")).resolve()) in text and "--multi_gpu" not in two
 
 
-def test_deepspeed_command_line():
+def test_deepspeed_command_line(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     command = launch_command(TrainConfig(launcher="deepspeed", num_processes=2), Path("c.json"), "bf16")
     assert command[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
     assert " ".join(command[3:]) == "--num_gpus 2 --master_port 29500 --module ironman_nb.train --config c.json"
-    nodes = launch_command(TrainConfig(launcher="deepspeed", num_processes=4, num_machines=2, machine_rank=1,
-                                       main_process_ip="10.0.0.1", main_process_port=9901), Path("c.json"), "bf16")
-    assert "--no_ssh --num_nodes 2 --node_rank 1 --master_addr 10.0.0.1" in " ".join(nodes)
+    # The runner drops CUDA_VISIBLE_DEVICES when given --num_gpus: the GPUs the user chose are named instead.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3,5")
+    command = launch_command(TrainConfig(launcher="deepspeed", num_processes=2), Path("c.json"), "bf16")
+    assert " ".join(command[3:7]) == "--include localhost:2,3 --master_port 29500"
+    with pytest.raises(ConfigError, match="4 processes, but CUDA_VISIBLE_DEVICES shows 3 GPU"):
+        launch_command(TrainConfig(launcher="deepspeed", num_processes=4), Path("c.json"), "bf16")
+
+
+def test_a_second_machines_deepspeed_command_passes_deepspeeds_own_runner(tmp_path, monkeypatch):
+    """Without a hostfile the runner refuses --num_nodes 2 ('no extra nodes available via hostfile'): the command
+    of machine_rank 1 is run for real, with a stand-in module that prints the rank the launcher gave it."""
+    import subprocess
+
+    from ironman_nb.launch import write_deepspeed_hostfile
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    cfg = TrainConfig(launcher="deepspeed", num_processes=1, num_machines=2, machine_rank=1,
+                      main_process_ip="127.0.0.1", main_process_port=29641)
+    config_path = tmp_path / "launch_config.json"
+    write_deepspeed_hostfile(cfg, config_path)
+    command = launch_command(cfg, config_path, "fp32")
+    assert "--hostfile " + str(tmp_path / "deepspeed_hostfile") + " --no_ssh --num_nodes 2 --node_rank 1" in " ".join(command)
+    (tmp_path / "rank_probe.py").write_text("import os; print('RANK', os.environ['RANK'], os.environ['WORLD_SIZE'])")
+    command = command[:command.index("--module") + 1] + ["rank_probe"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0 and "RANK 1 2" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
 
 
 def test_launcher_parameters_are_checked():
@@ -162,3 +187,73 @@ def test_deepspeed_zero3_launch_saves_a_whole_adapter(tmp_path, tiny_model_dir):
     tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert tensors and all(t.numel() > 0 for t in tensors.values())  # gathered, not ZeRO-3 shards
     merge(MergeConfig(base_model=str(tiny_model_dir), adapter_dir=str(tmp_path / "adapter"), output_dir=str(tmp_path / "m")))
+
+
+def _stand_in(monkeypatch, code: str):
+    """launch_command replaced by a Python stand-in for the launcher (run as the launcher is: in the package's folder,
+    given the config path as its argument)."""
+    import ironman_nb.launch as launch_module
+
+    monkeypatch.setattr(launch_module, "launch_command",
+                        lambda cfg, config_path, precision: [sys.executable, "-c", code, str(config_path), cfg.resume])
+
+
+def test_relative_paths_of_a_jupyterlab_kernel_reach_the_launcher_absolute(tmp_path, monkeypatch):
+    """The notebook's defaults are relative to notebooks/ ('../runs/lab/adapter'); the launcher runs elsewhere."""
+    from ironman_nb.launch import run_launched
+
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    _stand_in(monkeypatch, "import json, sys, pathlib; c = json.loads(pathlib.Path(sys.argv[1]).read_text()); "
+                           "print('config', pathlib.Path(sys.argv[1]).is_absolute(), c['output_dir'], sys.argv[2])")
+    cfg = TrainConfig(data_dir="../runs/lab/data", output_dir="../runs/lab/adapter", launcher="accelerate",
+                      num_processes=8, num_machines=2, machine_rank=1, main_process_ip="10.0.0.1",
+                      resume="../runs/lab/adapter/checkpoints/checkpoint-4")
+    lines = []
+    run_launched(cfg, "fp32", echo=lines.append)
+    adapter = tmp_path / "runs" / "lab" / "adapter"
+    assert f"config True {adapter} {adapter / 'checkpoints' / 'checkpoint-4'}" in lines
+
+
+def test_sigterm_reaches_workers_of_a_launcher_that_does_not_pass_it_on(tmp_path, monkeypatch):
+    """The deepspeed runner (and accelerate with one process) dies of SIGTERM without passing it on: the signal
+    goes to the launcher's whole process group, so the worker saves and stops."""
+    import os
+    import signal
+
+    from ironman_nb.launch import run_launched
+    from ironman_nb.train import TrainingInterrupted
+
+    marker = tmp_path / "worker_stopped"
+    worker = ("import signal, sys, time, pathlib\n"
+              f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(marker)!r}).write_text('saved'), sys.exit(0)))\n"
+              "print('[train] step 1/9', flush=True)\n"
+              "for _ in range(100): time.sleep(0.1)\n")
+    launcher = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {worker!r}])"  # passes nothing on
+    _stand_in(monkeypatch, launcher)
+
+    def echo(line):
+        if line.startswith("[train] step 1/"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = TrainConfig(data_dir=str(tmp_path), output_dir=str(tmp_path / "a"), launcher="deepspeed",
+                      deepspeed_config=str(ROOT / "configs" / "ds_zero3.json"))
+    with pytest.raises(TrainingInterrupted):
+        run_launched(cfg, "fp32", echo=echo)
+    assert marker.read_text() == "saved"
+
+
+def test_a_workers_error_is_the_cause_and_odd_bytes_do_not_stop_the_log(tmp_path, monkeypatch):
+    """After init_process_group torch prefixes a worker's lines with [rankN]:, and the launcher's own
+    ChildFailedError came out as the cause; a byte that is not UTF-8 stopped reading the log (UnicodeDecodeError)."""
+    from ironman_nb.launch import LaunchFailed, run_launched
+
+    _stand_in(monkeypatch, "import sys; out = sys.stdout.buffer; "
+                           "out.write(b'caf\\xe9 au lait\\n[rank0]: Traceback (most recent call last):\\n'"
+                           " b'[rank0]: ironman_nb.train.TrainingOutOfMemory: the GPU ran out of memory at step 3\\n'"
+                           " b'torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \\n'); sys.exit(1)")
+    cfg = TrainConfig(data_dir=str(tmp_path), output_dir=str(tmp_path / "a"), launcher="accelerate", num_processes=2)
+    lines = []
+    with pytest.raises(LaunchFailed, match=r"cause: ironman_nb.train.TrainingOutOfMemory: the GPU ran out of memory"):
+        run_launched(cfg, "fp32", echo=lines.append)
+    assert "caf\ufffd au lait" in lines
