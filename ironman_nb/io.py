@@ -56,6 +56,23 @@ def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path
     return atomic_write_text(path, "".join(lines))
 
 
+def give_default_modes(folder: Path) -> None:
+    """Every file under `folder` gets the mode a file newly created there gets (the umask, a default ACL).
+
+    safetensors writes its files 0600 whatever the umask: a merged model or an adapter written by root would be
+    unreadable to another user (a serving container). The mode is learnt from a probe file, without reading or
+    changing the process-wide umask."""
+    probe = _temp_name(folder / "mode-probe")
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        mode = probe.stat().st_mode & 0o777
+    finally:
+        probe.unlink()
+    for file in folder.rglob("*"):
+        if file.is_file() and not file.is_symlink() and file.stat().st_mode & 0o777 != mode:
+            os.chmod(file, mode)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `path` whole, on error it is removed.
@@ -68,6 +85,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir(mode=0o777)
     try:
         yield tmp
+        give_default_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

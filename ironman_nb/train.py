@@ -25,7 +25,7 @@ from typing import Any
 
 from .config import ConfigError, TrainConfig
 from .data import DataError, load_chat_records, tokenize_conversation
-from .io import atomic_write_json, disk_space_problem, read_json
+from .io import atomic_write_json, disk_space_problem, give_default_modes, read_json
 from .launch import launched, run_launched, signals_handled
 from .models import (
     attention_implementation,
@@ -1507,6 +1507,7 @@ def _save_final(trainer, output_dir: Path, cfg: TrainConfig, run_config: dict) -
             meta["base_model_name_or_path"] = hub_id(cfg.base_model)
             adapter_config.write_text(json.dumps(meta, indent=2))
         trainer.state.save_to_json(str(staging / "trainer_state.json"))
+        give_default_modes(staging)  # safetensors writes 0600
         for item in sorted(staging.iterdir()):
             target = output_dir / item.name
             if target.is_dir():

@@ -60,11 +60,19 @@ def test_written_files_and_folders_follow_the_umask(tmp_path, umask):
     try:
         atomic_write_text(tmp_path / "run_config.json", "{}")
         with atomic_dir(tmp_path / "merged") as tmp:
-            (tmp / "model.safetensors").write_bytes(b"weights")
+            (tmp / "config.json").write_bytes(b"{}")
+            # safetensors' save_file writes 0600 whatever the umask
+            from safetensors.torch import save_file
+            import torch
+
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "run_config.json").stat().st_mode) == 0o666 & ~umask
     assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o777 & ~umask
+    for name in ("config.json", "model.safetensors"):
+        assert stat.S_IMODE((tmp_path / "merged" / name).stat().st_mode) == 0o666 & ~umask, name
+    assert [p.name for p in (tmp_path / "merged").iterdir() if "probe" in p.name] == []
 
 
 def test_read_jsonl_names_the_bad_line(tmp_path):

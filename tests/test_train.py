@@ -1063,6 +1063,9 @@ def test_a_finished_run_is_not_stepped_past_its_end(tmp_path, tiny_model_dir, ca
     """Run All again on a finished run: Trainer would train one step more each time; nothing is trained. With
     fewer steps asked than a checkpoint has, training starts from the beginning."""
     first = train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=0))
+    # The adapter is readable as any file written here is (safetensors writes 0600).
+    mode = lambda name: (first.output_dir / name).stat().st_mode & 0o777
+    assert mode("adapter_model.safetensors") == mode("run_config.json")
     again = train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=0))
     assert again.run_config == first.run_config and "already ran to step 4" in caplog.text
     shorter = train(tiny_cfg(tmp_path, tiny_model_dir, eval_steps=0, max_steps=2))
