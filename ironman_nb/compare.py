@@ -16,17 +16,18 @@ from pathlib import Path
 from .config import CompareConfig
 from .data import prompt_messages, tokenize_conversation
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
-from .models import (few_row_linear, load_model, load_tokenizer, release_gpu_memory, releases_gpu_memory, resolve_device,
-                     resolve_precision, sdpa_without_cudnn, stop_token_ids)
+from .models import (ModelNotFoundError, few_row_linear, load_model, load_tokenizer, release_gpu_memory,
+                     releases_gpu_memory, resolve_device, resolve_precision, sdpa_without_cudnn, stop_token_ids)
 
 log = logging.getLogger(__name__)
 
 # Answers that call themselves an AI / language model (the persona breaking), in Korean and English: a first-person
-# subject (not the end of a word: 발전, 이전), a few words within the sentence, the AI noun and a copula ("저는 AI
-# 어시스턴트입니다"); a model's own self-introduction ("대규모 언어 모델입니다"); "I'm (Name,) an AI assistant".
-# Talk about Jarvis or Friday ("자비스는 내 AI 비서야") and "내가 AI 연구를 했지" are in persona (tests list more).
+# topic (저는, 나는, 난, 전 — not the end of a word: 발전, 이전; not 전 세계; not 내가/제가, the subject of "내가 만든 AI",
+# Tony's own work), a few words within the sentence, the AI noun and a copula ("저는 AI 어시스턴트입니다"); a
+# model's own self-introduction ("대규모 언어 모델입니다"); "I'm (Name,) an AI assistant". Talk about Jarvis or
+# Friday ("자비스는 내가 만든 AI야") and "내가 AI 연구를 했지" are in persona (tests list more).
 PERSONA_BREAK = re.compile(
-    r"(?<![가-힣])(?:저는|나는|난|전|제가|내가)\s+[^.!?,\n]{0,30}?"
+    r"(?<![가-힣])(?:저는|나는|난|전(?!\s+(?:세계|세상|국민|우주)))\s+[^.!?,\n]{0,30}?"
     r"(?:AI|인공\s*지능|(?:대규모\s*|대형\s*)?언어\s*모델|챗봇|어시스턴트|비서)\s*(?:모델|어시스턴트|비서|챗봇)?"
     r"\s*(?:입니다|이에요|예요|이야|야|이라서|로서|일\s*뿐|에\s*불과)"
     r"|(?:대규모|대형)\s*언어\s*모델\s*(?:입니다|이에요|예요|이야)|언어\s*모델로서"
@@ -45,6 +46,8 @@ PERSONA_MARKER = re.compile(
 HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")
 HAN = re.compile(r"[\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff]")
 BOOTSTRAP_SAMPLES = 2000
+# Fewer held-out samples give no interval: resampling 1 sample gives a zero-width "interval", 2 give 3 values.
+MIN_INTERVAL_SAMPLES = 5
 
 
 def clean_answer(text: str) -> str:
@@ -184,7 +187,8 @@ def assistant_nll(model, tokenizer, records: list[dict], batch_size: int = 4) ->
 
 def paired_bootstrap(before: list[tuple[float, int]], after: list[tuple[float, int]], samples: int = BOOTSTRAP_SAMPLES,
                      seed: int = 0) -> dict:
-    """95 % interval of (after − before) token-weighted mean NLL, resampling held-out samples in pairs."""
+    """95 % interval of (after − before) token-weighted mean NLL, resampling held-out samples in pairs (None
+    below MIN_INTERVAL_SAMPLES samples)."""
     import numpy as np
 
     # Each side's mean over its own token counts, as metrics.json reports eval_nll (they differ where the two
@@ -195,6 +199,8 @@ def paired_bootstrap(before: list[tuple[float, int]], after: list[tuple[float, i
     idx = rng.integers(0, len(b_count), size=(samples, len(b_count)))
     diffs = a_sum[idx].sum(1) / a_count[idx].sum(1) - b_sum[idx].sum(1) / b_count[idx].sum(1)
     point = a_sum.sum() / a_count.sum() - b_sum.sum() / b_count.sum()
+    if len(b_count) < MIN_INTERVAL_SAMPLES:
+        return {"difference": float(point), "ci95": None, "bootstrap_samples": 0}
     low, high = np.percentile(diffs, [2.5, 97.5])
     return {"difference": float(point), "ci95": [float(low), float(high)], "bootstrap_samples": samples}
 
@@ -230,8 +236,10 @@ def _markdown(rows: list[dict], metrics: dict) -> str:
     lines = ["# Before / after fine-tuning", "", f"- base: `{metrics['base_model']}`", f"- tuned: `{metrics['tuned_model']}`"]
     nll = metrics["eval_nll_difference"]
     if nll:
+        interval = (f"95 % CI {nll['ci95'][0]:+.4f} … {nll['ci95'][1]:+.4f}" if nll["ci95"]
+                    else f"no interval: fewer than {MIN_INTERVAL_SAMPLES} held-out samples")
         lines.append(f"- held-out assistant NLL: {metrics['before']['eval_nll']:.4f} → {metrics['after']['eval_nll']:.4f} "
-                     f"(Δ {nll['difference']:+.4f}, 95 % CI {nll['ci95'][0]:+.4f} … {nll['ci95'][1]:+.4f})")
+                     f"(Δ {nll['difference']:+.4f}, {interval})")
     lines += ["", "| # | prompt | before | after |", "|---|---|---|---|"]
     lines += [f"| {i} | {cell(r['prompt'])} | {cell(r['before'])} | {cell(r['after'])} |" for i, r in enumerate(rows, 1)]
     return "\n".join(lines) + "\n"
@@ -395,6 +403,12 @@ def compare(cfg: CompareConfig) -> CompareResult:
     if cfg.max_eval_samples:
         eval_records = eval_records[: cfg.max_eval_samples]
 
+    tuned = Path(cfg.tuned_model).expanduser()
+    if tuned.is_dir() and not (tuned / "config.json").is_file():
+        # Said now, not after the base model's side has run (minutes for a 7B).
+        what = "an adapter folder (notebook 02's)" if (tuned / "adapter_config.json").is_file() else "a folder without config.json"
+        raise ModelNotFoundError(f"tuned_model {cfg.tuned_model!r} is {what}: give the merged model folder of "
+                                 "notebook 04 (or a Hub model id)")
     device = resolve_device()
     precision = resolve_precision("auto", device)
     before, nll_before = _side(cfg.base_model, prompts, eval_records, cfg, device, precision)

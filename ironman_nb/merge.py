@@ -127,8 +127,9 @@ def merge(cfg: MergeConfig) -> MergeResult:
     system_prompt = resolved.get("system_prompt") or DEFAULT_SYSTEM_PROMPT
 
     device = resolve_device()
-    # fp32 on a CPU (exact, and the merge is one pass), bf16/fp16 on a GPU.
-    compute = "fp32" if device == "cpu" else resolve_precision("auto", device)
+    # fp32 on a CPU (exact, and the merge is one pass) and when fp32 is asked for (in bf16 most of a small W + BA
+    # update rounds away), else bf16/fp16 on a GPU.
+    compute = "fp32" if device == "cpu" or cfg.dtype == "fp32" else resolve_precision("auto", device)
     save_dtype = cfg.dtype if cfg.dtype != "auto" else resolved.get("precision", compute)
     # The adapter folder holds the tokenizer exactly as trained; older adapters without one use the base's.
     tokenizer = load_tokenizer(str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else cfg.base_model)
@@ -169,6 +170,12 @@ def merge(cfg: MergeConfig) -> MergeResult:
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     merged.config.name_or_path = hub_id(cfg.base_model)
     merged = merged.to(torch_dtype(save_dtype))
+    # The checks above ran in the compute precision; a weight beyond the saved dtype's range (fp16: 65,504)
+    # becomes inf in the cast.
+    overflowed = [name for name, p in merged.named_parameters() if not torch.isfinite(p).all()]
+    if overflowed:
+        raise MergeError(f"{len(overflowed)} merged tensor(s) are not finite in {save_dtype} (first: {overflowed[0]}): "
+                         "their values exceed its range; save with dtype='bf16' or 'fp32'. Nothing was written.")
     checks = {
         "adapter base": f"{trained_on} (matches base_model)",
         "adapter tensors finite": f"{adapter_tensors} tensors",

@@ -101,7 +101,8 @@ BREAKS = ["저는 AI 어시스턴트입니다", "저는 Qwen입니다. 알리바
 IN_PERSONA = ["자비스는 내 AI 비서야", "프라이데이는 AI 어시스턴트야", "FRIDAY는 AI 어시스턴트예요", "발전 AI 기술은 끝이 없지",
               "완전 인공지능 시대야", "이전 AI 모델은 느렸어", "안전 프로그램을 돌려", "도전 챗봇이라니", "나는 프로그램을 짜는 천재야",
               "내가 AI 연구를 좀 했지", "난 AI를 만들었지", "제가 인공지능에 대해 말씀드리면", "전 AI가 싫어", "나는 아이언맨이야",
-              "I'm building an AI", "I am Iron Man"]
+              "I'm building an AI", "I am Iron Man", "자비스는 내가 만든 AI야.", "자비스? 내가 직접 설계한 인공지능 비서야.",
+              "자비스는 전 세계 최고의 AI 비서야.", "프라이데이는 내가 만든 최고의 AI 어시스턴트입니다."]
 
 
 def test_persona_break_means_the_answer_calling_itself_an_ai():
@@ -136,16 +137,18 @@ def test_cut_off_hangul_is_trimmed():
 
 
 def test_paired_bootstrap_interval_brackets_the_difference():
-    before = [(10.0, 5), (8.0, 4), (12.0, 6), (9.0, 5)]
-    after = [(7.0, 5), (6.0, 4), (9.0, 6), (7.5, 5)]
+    before = [(10.0, 5), (8.0, 4), (12.0, 6), (9.0, 5), (10.0, 5)]
+    after = [(7.0, 5), (6.0, 4), (9.0, 6), (7.5, 5), (8.0, 5)]
     result = paired_bootstrap(before, after, samples=500)
-    assert result["difference"] == pytest.approx((29.5 - 39.0) / 20)
+    assert result["difference"] == pytest.approx((37.5 - 49.0) / 25)
     low, high = result["ci95"]
     assert low <= result["difference"] <= high < 0
     # Each side's mean over its own token counts, as metrics.json reports eval_nll (another tokenizer or template
     # on one side gives other counts): 2.0 → 1.5 here, not (27 − 30) / 15.
     other = paired_bootstrap([(10.0, 5), (20.0, 10)], [(9.0, 6), (18.0, 12)], samples=200)
     assert other["difference"] == pytest.approx(1.5 - 2.0)
+    # Two samples give three possible means, one a zero-width "interval": no interval below five.
+    assert other["ci95"] is None
 
 
 def test_compare_writes_every_output(tmp_path, tiny_model_dir):
@@ -183,6 +186,21 @@ def test_a_missing_eval_file_is_an_error_not_a_comparison_without_nll(tmp_path, 
     with pytest.raises(FileNotFoundError, match=r"eval_data .*eval_typo.jsonl: not found .*set eval_data = ''"):
         compare(CompareConfig(base_model=str(tiny_model_dir), tuned_model=str(tiny_model_dir), prompts_path=str(prompts),
                               eval_data=str(tmp_path / "eval_typo.jsonl"), output_dir=str(tmp_path / "out")))
+
+
+def test_an_adapter_folder_as_tuned_model_is_refused_before_the_base_side_runs(tmp_path, monkeypatch):
+    import ironman_nb.compare as compare_module
+    from ironman_nb.models import ModelNotFoundError
+
+    monkeypatch.setattr(compare_module, "_side", lambda *a, **k: pytest.fail("the base side ran first"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "ok"}\n')
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match="is an adapter folder .*merged model folder of notebook 04"):
+        compare(CompareConfig(tuned_model=str(adapter), prompts_path=str(prompts), eval_data="",
+                              output_dir=str(tmp_path / "out")))
 
 
 def test_vllm_path_uses_the_chat_template_greedy_and_the_stop_tokens(monkeypatch, tokenizer, tmp_path):

@@ -181,3 +181,24 @@ def test_a_correct_bf16_merge_passes_the_probe_and_a_wrong_one_fails(head_scale)
             merged.get_submodule(name.replace("base_model.model.", "", 1)).weight += delta
         twice = float((merged(input_ids=ids).logits.float() - adapter_logits).abs().max())
     assert twice > probe_tolerance(adapter_logits, "bf16")
+
+
+def test_a_weight_beyond_fp16s_range_stops_an_fp16_merge(trained, tiny_model_dir, tmp_path, monkeypatch):
+    """The checks ran in the compute precision, before the cast to the saved dtype, where 1e5 becomes inf."""
+    import torch
+
+    import ironman_nb.merge as merge_module
+
+    load = merge_module.load_model
+
+    def large_weight(*args, **kwargs):
+        model = load(*args, **kwargs)
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight[0, 0] = 1e5  # fine in fp32 and bf16
+        return model
+
+    monkeypatch.setattr(merge_module, "load_model", large_weight)
+    with pytest.raises(MergeError, match=r"not finite in fp16 \(first: .*down_proj.*save with dtype='bf16' or 'fp32'"):
+        merge(MergeConfig(base_model=str(tiny_model_dir), adapter_dir=str(trained / "adapter"),
+                          output_dir=str(tmp_path / "merged"), dtype="fp16"))
+    assert not (tmp_path / "merged").exists()
