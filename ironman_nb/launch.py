@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -22,6 +23,9 @@ from .io import atomic_write_bytes, atomic_write_json, read_json
 
 # Set in the launched processes, so `train` runs there instead of launching again.
 LAUNCHED_ENV = "IRONMAN_NB_LAUNCHED"
+# Each launch's id: global rank 0 writes it to LAUNCH_DONE_FILE when its training finished.
+LAUNCH_ID_ENV = "IRONMAN_NB_LAUNCH_ID"
+LAUNCH_DONE_FILE = "launch_done.json"
 LOG_TAIL_LINES = 40
 ANSI_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 PROGRESS_FRAMES = re.compile(r"^.*(?:it/s|s/it)\]")  # up to the end of the last tqdm frame on the line
@@ -142,7 +146,8 @@ def run_launched(cfg: TrainConfig, precision: str, echo=print):
         write_deepspeed_hostfile(cfg, config_path)
     command = launch_command(resolved, config_path, precision)
     echo(f"[launch] {' '.join(command)}")
-    env = {**os.environ, LAUNCHED_ENV: "1", "PYTHONUNBUFFERED": "1"}
+    launch_id = secrets.token_hex(8)
+    env = {**os.environ, LAUNCHED_ENV: "1", LAUNCH_ID_ENV: launch_id, "PYTHONUNBUFFERED": "1"}
     tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
     errors: list[str] = []  # the exception lines of the processes' tracebacks: the cause, above the launcher's noise
     received: list[int] = []  # signals passed on to the launcher
@@ -179,6 +184,12 @@ def run_launched(cfg: TrainConfig, precision: str, echo=print):
         # here would be an earlier run's (or, on a shared disk, one machine 0 may still be writing).
         note = f"machine_rank {cfg.machine_rank} took part; machine_rank 0 writes the adapter to its {output_dir}"
         return TrainResult(output_dir, {"config": cfg.to_dict(), "resolved": {}, "result": {"note": note}}, [])
+    done = output_dir / LAUNCH_DONE_FILE
+    if not done.is_file() or read_json(done).get("launch_id") != launch_id:
+        # The deepspeed runner exits 0 when its launcher was killed by a signal: the run_config.json here would
+        # be an earlier run's.
+        raise LaunchFailed(f"{cfg.launcher} exited with code 0, but the training did not report finishing (no "
+                           f"{done.name} of this launch in {output_dir})\nlast lines of its log:\n" + "\n".join(tail))
     run_config = read_json(output_dir / "run_config.json", "run_config.json")
     history = read_json(output_dir / "trainer_state.json", "trainer_state.json")["log_history"]
     return TrainResult(output_dir, run_config, history)

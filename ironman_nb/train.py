@@ -26,7 +26,7 @@ from typing import Any
 from .config import ConfigError, TrainConfig
 from .data import DataError, load_chat_records, tokenize_conversation
 from .io import atomic_write_json, disk_space_problem, give_default_modes, read_json
-from .launch import launched, run_launched, signals_handled
+from .launch import LAUNCH_DONE_FILE, LAUNCH_ID_ENV, launched, run_launched, signals_handled
 from .models import (
     attention_implementation,
     gpu_memory,
@@ -1546,10 +1546,15 @@ def main(argv: list[str] | None = None) -> int:
     params = data.get("config", data)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = train(TrainConfig.from_params(**params))
+        cfg = TrainConfig.from_params(**params)
+        result = train(cfg)
     except TrainingInterrupted as err:
         print(f"[train] {err}", file=sys.stderr)
         return 128 + signal.SIGTERM
+    launch_id = os.environ.get(LAUNCH_ID_ENV)
+    if launch_id and os.environ.get("RANK", "0") == "0":
+        # What notebook 02 reads to know this launch finished (a launcher can exit 0 when its workers were killed).
+        atomic_write_json(Path(cfg.output_dir) / LAUNCH_DONE_FILE, {"launch_id": launch_id})
     print(json.dumps(result.run_config["result"]))
     return 0
 

@@ -257,3 +257,19 @@ def test_a_workers_error_is_the_cause_and_odd_bytes_do_not_stop_the_log(tmp_path
     with pytest.raises(LaunchFailed, match=r"cause: ironman_nb.train.TrainingOutOfMemory: the GPU ran out of memory"):
         run_launched(cfg, "fp32", echo=lines.append)
     assert "caf\ufffd au lait" in lines
+
+
+def test_a_launch_that_exits_0_without_finishing_is_not_read_as_an_earlier_runs_result(tmp_path, monkeypatch):
+    """The deepspeed runner exits 0 when its launcher was killed by a signal; the run_config.json left from an
+    earlier run was returned as this run's result."""
+    from ironman_nb.launch import LaunchFailed, run_launched
+
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "run_config.json").write_text('{"result": {"global_step": 999}}')  # an earlier run's
+    (out / "trainer_state.json").write_text('{"log_history": []}')
+    _stand_in(monkeypatch, "print('launcher: child killed by a signal')")
+    cfg = TrainConfig(data_dir=str(tmp_path), output_dir=str(out), launcher="deepspeed",
+                      deepspeed_config=str(ROOT / "configs" / "ds_zero3.json"))
+    with pytest.raises(LaunchFailed, match="exited with code 0, but the training did not report finishing"):
+        run_launched(cfg, "fp32", echo=lambda line: None)
