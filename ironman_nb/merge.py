@@ -77,12 +77,27 @@ def check_adapter_base(adapter_dir: Path, base_model: str) -> str:
     return trained_on
 
 
+def base_dtype(base_model: str, default: str) -> str:
+    """The precision the base model's config.json names ("bf16", "fp16", "fp32"), else `default`."""
+    from transformers import AutoConfig
+
+    try:
+        dtype = getattr(AutoConfig.from_pretrained(resolve_model_path(base_model)), "dtype", None)
+    except (OSError, ValueError):
+        return default
+    return {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}.get(str(dtype), default)
+
+
 def check_adapter_finite(adapter_dir: Path) -> int:
     import torch
     from safetensors.torch import load_file
 
     path = adapter_dir / "adapter_model.safetensors"
     if not path.is_file():
+        if (adapter_dir / "adapter_model.bin").is_file():
+            raise MergeError(f"{adapter_dir} holds adapter_model.bin (a pickled adapter, saved with "
+                             "safe_serialization=False): save it again as safetensors, e.g. PeftModel.from_pretrained("
+                             "base, folder).save_pretrained(folder)")
         raise MergeError(f"{path} not found: train the adapter first (notebook 02)")
     tensors = load_file(str(path))
     bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
@@ -130,7 +145,9 @@ def merge(cfg: MergeConfig) -> MergeResult:
     # fp32 on a CPU (exact, and the merge is one pass) and when fp32 is asked for (in bf16 most of a small W + BA
     # update rounds away), else bf16/fp16 on a GPU.
     compute = "fp32" if device == "cpu" or cfg.dtype == "fp32" else resolve_precision("auto", device)
-    save_dtype = cfg.dtype if cfg.dtype != "auto" else resolved.get("precision", compute)
+    # auto: the training precision; for an adapter from another tool (no run_config.json), the base's own dtype
+    # (not fp32 on a CPU: a 7B saved at twice the size of its bf16 base).
+    save_dtype = cfg.dtype if cfg.dtype != "auto" else resolved.get("precision") or base_dtype(cfg.base_model, compute)
     # The adapter folder holds the tokenizer exactly as trained; older adapters without one use the base's.
     tokenizer = load_tokenizer(str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else cfg.base_model)
     base = load_model(cfg.base_model, compute, device)

@@ -202,3 +202,25 @@ def test_a_weight_beyond_fp16s_range_stops_an_fp16_merge(trained, tiny_model_dir
         merge(MergeConfig(base_model=str(tiny_model_dir), adapter_dir=str(trained / "adapter"),
                           output_dir=str(tmp_path / "merged"), dtype="fp16"))
     assert not (tmp_path / "merged").exists()
+
+
+def test_an_adapter_of_another_tool_is_saved_in_the_bases_dtype_or_named_for_what_it_is(tmp_path, tiny_model_dir):
+    """Without run_config.json (LLaMA-Factory, PEFT's own save) `auto` took the compute precision: fp32 on a CPU,
+    a 7B at twice its bf16 size. A pickled adapter_model.bin was reported as no adapter at all."""
+    import shutil
+
+    from ironman_nb.merge import base_dtype, check_adapter_finite
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    (base / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    assert base_dtype(str(base), "fp32") == "bf16"
+    (base / "config.json").write_text(json.dumps(config))  # no dtype named: the default
+    assert base_dtype(str(base), "fp32") == "fp32"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(MergeError, match="holds adapter_model.bin .*save it again as safetensors"):
+        check_adapter_finite(adapter)
