@@ -40,7 +40,10 @@ PERSONA_BREAK = re.compile(
 # 안토니오, 스타크래프트, 페퍼민트) but with a particle after them (토니가, 슈트를).
 PERSONA_MARKERS = ("토니", "스타크", r"토니\s*스타크", r"아이언\s*맨", "슈트", "수트", "자비스", "프라이데이", r"아크\s*원자로",
                    "페퍼", "로디", "어벤[져저]스", "억만장자", "Tony", "Stark", r"Iron\s*Man", r"J\.?A\.?R\.?V\.?I\.?S", "FRIDAY")
-PARTICLE = "(?:[은는이가을를의에와과도만야아여님씨랑께로라란]|한테|에게|으로|처럼|보다|까지|부터|하고|이고|이야|이랑|였|이었)"
+# 로 and 라 count only where a particle ends there or goes on as one (슈트로, 토니라고), not inside another word
+# (페퍼로니, 슈트라우스).
+PARTICLE = ("(?:[은는이가을를의에와과도만야아여님씨랑께란]|로(?![가-힣])|로[는도서써]|라(?![가-힣])|라[고는면도]"
+            "|한테|에게|으로|처럼|보다|까지|부터|하고|이고|이야|이랑|였|이었)")
 PERSONA_MARKER = re.compile(
     "(?<![가-힣A-Za-z])(?:" + "|".join(PERSONA_MARKERS) + f")(?:(?![가-힣A-Za-z])|(?={PARTICLE}))", re.IGNORECASE)
 HANGUL = re.compile(r"[\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f]")

@@ -112,8 +112,9 @@ def test_persona_break_means_the_answer_calling_itself_an_ai():
 
 def test_persona_markers_are_whole_words_with_their_particles():
     marked = ["토니가 왔다", "나는 토니스타크", "아이언 맨 슈트를 입고", "어벤저스 회의", "JARVIS, 준비해", "아크 원자로 가동",
-              "Tony Stark here"]
-    unmarked = ["멜로디가 좋네요", "페퍼민트 차", "스타크래프트 게임", "안토니오", "천재적인 발상", "원자로 안전 점검"]
+              "Tony Stark here", "슈트로 날아가", "슈트로는 부족해", "토니라고 불러", "자비스라면 알 거야"]
+    unmarked = ["멜로디가 좋네요", "페퍼민트 차", "스타크래프트 게임", "안토니오", "천재적인 발상", "원자로 안전 점검",
+                "페퍼로니 피자가 최고지", "슈트라우스의 왈츠"]
     assert [t for t in marked if not answer_stats(t, True)["persona_marker"]] == []
     assert [t for t in unmarked if answer_stats(t, True)["persona_marker"]] == []
 
