@@ -46,6 +46,12 @@ def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=Loader)
 
 
+def closest_name(name: str, names) -> str | None:
+    """The known name a misspelt one most likely meant (for "did you mean …?"), or None."""
+    close = difflib.get_close_matches(str(name), list(names), n=1)
+    return close[0] if close else None
+
+
 def mask_secret(value: str) -> str:
     return TOKEN_PATTERN.sub(lambda m: m.group(0)[:5] + "…" + "*" * 4, value)
 
@@ -121,8 +127,8 @@ class StageConfig:
         problems = []
         for key, value in params.items():
             if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                suggestion = f" — did you mean {close[0]!r}?" if close else ""
+                close = closest_name(key, names)
+                suggestion = f" — did you mean {close!r}?" if close else ""
                 problems.append(f"{cls.__name__}: unknown parameter {key!r}{suggestion} (known: {', '.join(names)})")
                 continue
             error = _check_type(key, value, hints[key])

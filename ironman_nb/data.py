@@ -9,7 +9,6 @@ import codecs
 import csv
 import dataclasses
 import datetime as _dt
-import difflib
 import io
 import json
 import math
@@ -22,7 +21,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from .config import PrepareConfig
+from .config import PrepareConfig, closest_name
 from .io import atomic_write_json, atomic_write_jsonl, read_jsonl
 
 REQUIRED_COLUMNS = ("instruction", "output")
@@ -91,9 +90,9 @@ def _normalise_header(header: list[Any], source: str) -> list[str]:
         found = [c for c in columns if c]
         hints = []
         for name in missing:
-            close = difflib.get_close_matches(name, found, n=1, cutoff=0.6)
+            close = closest_name(name, found)
             if close:
-                hints.append(f"{close[0]!r} → {name!r}?")
+                hints.append(f"{close!r} → {name!r}?")
         raise DataError(
             f"{source}: missing column(s) {', '.join(map(repr, missing))}. "
             f"Expected columns: instruction, input, output (optional: system, category); found: {found or 'none'}"

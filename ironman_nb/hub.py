@@ -93,7 +93,8 @@ class PushResult:
         text = self.card
         if text.startswith("---\n") and "\n---" in text[4:]:
             end = text.index("\n---", 4)
-            text = f"```yaml\n{text[4:end]}\n```\n\n{text[end + 4:].lstrip(chr(10))}"
+            front, body = text[4:end], text[end + 4:].lstrip("\n")
+            text = f"```yaml\n{front}\n```\n\n{body}"
         chart = Path(self.model_dir) / CHART if self.model_dir else None
         if chart and chart.is_file():
             encoded = base64.b64encode(chart.read_bytes()).decode("ascii")

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import dataclasses
 import datetime as _dt
-import difflib
 import json
 import os
 import signal
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import (CompareConfig, ConfigError, MergeConfig, PlotConfig, PrepareConfig, PushConfig, StageConfig,
-                     TrainConfig, read_yaml)
+                     TrainConfig, closest_name, read_yaml)
 from .data import URL_LIKE
 from .io import atomic_write_json
 from .launch import signals_handled
@@ -140,8 +139,8 @@ def stage_params(layers: list[dict[str, Any]], run_dir: Path, cwd: Path) -> tupl
     unknown = dict.fromkeys(k for layer in layers for k in layer if k not in stage_names and k not in known_anywhere)
     problems = []
     for key in unknown:
-        near = difflib.get_close_matches(str(key), sorted(stage_names | known_anywhere), n=1)
-        hint = f"did you mean {near[0]!r}? " if near else ""
+        near = closest_name(key, sorted(stage_names | known_anywhere))
+        hint = f"did you mean {near!r}? " if near else ""
         problems.append(f"unknown parameter {key!r}: no notebook has it ({hint}stages: {', '.join(sorted(stage_names))})")
     result = {}
     for stage in STAGES:
@@ -230,8 +229,8 @@ def find_stage(name: str, option: str) -> int:
         number, _, words = stage.name.partition("_")
         if name in (stage.name, number, words):
             return index
-    near = difflib.get_close_matches(name, [s.name for s in STAGES], n=1)
-    hint = f" (did you mean {near[0]}?)" if near else ""
+    near = closest_name(name, [s.name for s in STAGES])
+    hint = f" (did you mean {near}?)" if near else ""
     raise ConfigError(f"{option} {name!r}: no such stage{hint}; stages: {', '.join(s.name for s in STAGES)} "
                       "(or their numbers, 01 to 06)")
 

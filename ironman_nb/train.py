@@ -880,8 +880,10 @@ def _sft_trainer_class():
                                         or self.accelerator.num_processes > 1)
 
         def _get_train_sampler(self, train_dataset=None):
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
             sampler = super()._get_train_sampler(train_dataset)
-            if type(sampler).__name__ == "LengthGroupedSampler":
+            if isinstance(sampler, LengthGroupedSampler):
                 return epoch_seeded_length_grouped_sampler(sampler, self.args.data_seed or self.args.seed)
             return sampler
 

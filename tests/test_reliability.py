@@ -24,6 +24,23 @@ def tiny_train_params(tmp_path, model_dir, **overrides):
     return params
 
 
+def sigterm_at(command: list[str], marker: str, timeout: int) -> tuple[int, str]:
+    """Run `command`, send it SIGTERM once a line holds `marker`, and return its exit code and whole output."""
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if marker in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    try:
+        rest, _ = process.communicate(timeout=timeout)
+    finally:
+        process.kill()  # only if it hangs: a no-op once it has ended
+    return process.returncode, "".join(lines) + rest
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):
     from ironman_nb.train import train
 
@@ -32,18 +49,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_
     params = tiny_train_params(tmp_path / "killed", tiny_model_dir)
     config = tmp_path / "run_config.json"
     config.write_text(json.dumps(params))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "ironman_nb.train", "--config", str(config)], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if "[train] step 3/40" in line:
-            process.send_signal(signal.SIGTERM)
-            break
-    rest, _ = process.communicate(timeout=300)
-    output = "".join(lines) + rest
-    assert process.returncode == 128 + signal.SIGTERM, output
+    code, output = sigterm_at([sys.executable, "-m", "ironman_nb.train", "--config", str(config)], "[train] step 3/40",
+                              timeout=300)
+    assert code == 128 + signal.SIGTERM, output
     checkpoints = sorted((tmp_path / "killed" / "adapter" / "checkpoints").glob("checkpoint-*"))
     assert len(checkpoints) == 1, output
     stopped_at = int(checkpoints[0].name.split("-")[1])
@@ -207,20 +215,8 @@ def test_sigterm_to_the_runner_reaches_the_kernel_which_saves_a_checkpoint(tmp_p
     command = [sys.executable, "-m", "ironman_nb", "run", "--run-dir", str(run_dir), "-p", "input_path", str(sheet),
                "-p", "base_model", str(tiny_model_dir),
                "-p", "02_train_lora", "{max_steps: 500, save_steps: 1000, eval_steps: 0, per_device_train_batch_size: 2}"]
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if "[train] step 3/500" in line:
-            process.send_signal(signal.SIGTERM)
-            break
-    try:
-        rest, _ = process.communicate(timeout=120)
-    finally:
-        process.kill()  # only if it hangs: a no-op once it has ended
-    output = "".join(lines) + rest
-    assert process.returncode == 128 + signal.SIGTERM, output
+    code, output = sigterm_at(command, "[train] step 3/500", timeout=120)
+    assert code == 128 + signal.SIGTERM, output
     checkpoints = sorted((run_dir / "adapter" / "checkpoints").glob("checkpoint-*"))
     assert len(checkpoints) == 1, output
     stages = json.loads((run_dir / "status.json").read_text())["stages"]
